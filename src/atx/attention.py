@@ -1,0 +1,102 @@
+"""Activation-based attention maps and the attention-transfer loss (paper Section 3.1).
+
+Plain tensor functions, torch only. Notation follows the paper: an activation tensor
+``A`` of shape (C, H, W) is mapped to a spatial attention map ``F(A)`` of shape (H, W)
+(Eq. 1); ``Q = vec(F(A))`` is l2-normalised per sample and student/teacher maps are
+compared (Eq. 2).
+
+Two reductions of Eq. 2 are offered, because the paper and the authors' code differ:
+
+* ``reduction="paper"`` -- Eq. 2 as printed, one layer pair::
+
+      L = beta/2 * mean_b || q_s[b] - q_t[b] ||_2          (q = Q / ||Q||_2)
+
+* ``reduction="code"`` -- the released code (``utils.at_loss``)::
+
+      L = beta * mean_{b, i} (q_s[b, i] - q_t[b, i])^2
+        = beta / (B * H * W) * sum_b || q_s[b] - q_t[b] ||_2^2
+
+  i.e. the squared distance, averaged over batch *and* map positions. This is the
+  paper's "beta = 10^3 divided by the number of elements in attention map and batch
+  size" (Section 4.1.1): with ``beta = 1e3`` it reproduces the authors' numbers.
+
+Worked relation: for one pair with d_b = ||q_s[b] - q_t[b]||_2 (0 <= d_b <= 2),
+``code = beta / (H*W) * mean_b d_b^2`` and ``paper = beta / 2 * mean_b d_b``. So for a
+32x32 map with every d_b = 0.1, code gives beta * 9.8e-6 and paper gives beta * 0.05: the
+``paper`` reduction needs a beta about H*W/(2*d) times smaller for the same pull. The
+functions here return the loss *without* beta (the 1/2 of ``paper`` included); the Objective
+multiplies by beta.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MapMode = Literal["sum", "max"]
+Reduction = Literal["code", "paper"]
+
+
+def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tensor:
+    """Unnormalised attention map F(A), Eq. 1, shape (B, H, W), always in float32.
+
+    ``mode="sum"``: F_sum^p(A) = sum_c |A_c|^p; ``mode="max"``: F_max^p(A) = max_c |A_c|^p.
+    ``p`` may be any real > 0 (p = 1 gives F_sum). Computed in float32 with autocast off,
+    so mixed-precision training does not lose the small differences the loss measures.
+    """
+    if features.dim() != 4:
+        raise ValueError(f"attention maps need (B, C, H, W) features, got shape {tuple(features.shape)}")
+    if p <= 0:
+        raise ValueError(f"attention map exponent p must be > 0, got {p}")
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        a = features.float().abs()
+        if p != 1:
+            a = a.pow(p)
+        return a.sum(dim=1) if mode == "sum" else a.amax(dim=1)
+
+
+def normalise(maps: Tensor) -> Tensor:
+    """Q / ||Q||_2 per sample: flatten (B, H, W) -> (B, H*W) and l2-normalise (Eq. 2)."""
+    return F.normalize(maps.flatten(1), p=2.0, dim=1)
+
+
+def attention_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tensor:
+    """Normalised attention map Q / ||Q||_2 of Eq. 2, shape (B, H*W), float32."""
+    return normalise(spatial_map(features, p, mode))
+
+
+def at_loss(
+    student_features: Tensor,
+    teacher_features: Tensor,
+    p: float = 2.0,
+    mode: MapMode = "sum",
+    reduction: Reduction = "code",
+    interpolate: bool = False,
+) -> Tensor:
+    """Attention-transfer distance for one layer pair: Eq. 2 divided by beta.
+
+    Channel counts may differ (maps are summed over channels). Different spatial sizes are
+    an error unless ``interpolate`` is true, in which case the student's *attention map* is
+    resized bilinearly to the teacher's size before normalisation (Section 3.1: "if needed,
+    attention maps can be interpolated to match their shapes").
+    """
+    s = spatial_map(student_features, p, mode)
+    t = spatial_map(teacher_features, p, mode)
+    if s.shape[-2:] != t.shape[-2:]:
+        if not interpolate:
+            raise ValueError(
+                f"attention maps differ in spatial size: student {tuple(student_features.shape)}"
+                f" vs teacher {tuple(teacher_features.shape)}; pick layers of equal resolution"
+                " or set distill.at.interpolate=true"
+            )
+        s = F.interpolate(s.unsqueeze(1), size=t.shape[-2:], mode="bilinear", align_corners=False)
+        s = s.squeeze(1)
+    diff = normalise(s) - normalise(t)
+    if reduction == "code":
+        return diff.pow(2).mean()
+    if reduction == "paper":
+        return 0.5 * diff.norm(p=2, dim=1).mean()
+    raise ValueError(f"unknown AT reduction {reduction!r}; use 'code' or 'paper'")

@@ -1,0 +1,73 @@
+"""Load model weights safely from what atx writes: a run dir, a student export or a Lightning ckpt.
+
+Every file goes through ``torch.load(..., weights_only=True)``: a checkpoint carrying a pickled
+object is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from atx.errors import AtxError
+
+STUDENT_FILE = "student.pt"
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """A run directory means its exported ``student.pt``; a file is taken as it is."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / STUDENT_FILE
+    if not p.is_file():
+        raise AtxError(
+            f"checkpoint '{path}' not found: give a run directory holding {STUDENT_FILE},"
+            " a student .pt export or a Lightning .ckpt"
+        )
+    return p
+
+
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a plain state dict, or the student part of a Lightning checkpoint."""
+    p = resolve_weights_path(path)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise AtxError(
+            f"refused to load '{p}': it is not a plain tensor checkpoint (weights_only=True"
+            f" rejected it: {str(e).splitlines()[0][:120]})"
+        ) from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise AtxError(f"cannot read checkpoint '{p}': {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict) and "state_dict" in obj:  # Lightning checkpoint of a DistillModule
+        obj = {k[len("student."):]: v for k, v in obj["state_dict"].items()
+               if k.startswith("student.")}
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise AtxError(f"checkpoint '{p}' holds no state dict of tensors")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path, who: str) -> None:
+    """Load ``path`` into ``model`` exactly; a mismatch is one line saying what differs."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), first: {wrong[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), first: {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[0]}")
+        raise AtxError(
+            f"{who} checkpoint '{path}' does not fit the configured {who} model ("
+            + "; ".join(parts) + f"); check {who}'s architecture options"
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,138 @@
+"""torchvision classification models by name (paper §4.2: ResNet-18/34 on CUB, Scenes, ImageNet).
+
+ResNet layer groups for attention transfer are `layer1` ... `layer4` (paper §4.2.2).
+Weights are never downloaded: pass `weights_path` to a local torchvision-format state dict.
+"""
+
+import difflib
+from pathlib import Path
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from atx.errors import AtxError
+
+
+def classification_archs() -> list[str]:
+    """Names of torchvision's classification model builders."""
+    return sorted(tvm.list_models(module=tvm))
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m
+    return None
+
+
+def _classifier_prefix(model: nn.Module) -> str | None:
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    return last
+
+
+def _set_in_channels(model: nn.Module, in_channels: int) -> None:
+    found = _first_conv(model)
+    if found is None or found[1].in_channels != 3:
+        raise AtxError(f"cannot set in_channels={in_channels}: no 3-channel first conv found")
+    name, old = found
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        groups=old.groups,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+    )
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """RGB conv weight -> `in_channels` (timm's rule: sum for 1 channel, else tile and rescale)."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+
+
+def load_weights(model: nn.Module, weights_path: str) -> None:
+    """Load a torchvision-format state dict from `weights_path` into `model`.
+
+    The classifier (last Linear) is skipped when its shape differs (other num_classes), and the
+    first conv is adapted when in_channels != 3 (summed over RGB for 1 channel). Any other
+    missing, unexpected or mis-shaped key raises AtxError naming the file.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        raise AtxError(f"weights file '{weights_path}' not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is a user error
+        raise AtxError(f"cannot read weights file '{weights_path}': {e}".splitlines()[0]) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AtxError(f"weights file '{weights_path}' does not hold a state dict of tensors")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise AtxError(
+            f"weights file '{weights_path}' does not match the model: "
+            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    fc = _classifier_prefix(model)
+    conv = _first_conv(model)
+    state = dict(state)
+    for key in [k for k in state if state[k].shape != own[k].shape]:
+        if fc is not None and key.rpartition(".")[0] == fc:
+            del state[key]  # other num_classes: keep the model's fresh classifier
+        elif conv is not None and key == f"{conv[0]}.weight" and state[key].shape[1] == 3:
+            state[key] = _adapt_input_conv(state[key], own[key].shape[1])
+        else:
+            raise AtxError(
+                f"weights file '{weights_path}' does not match the model: key '{key}' has shape "
+                f"{tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def torchvision(
+    arch: str, num_classes: int = 1000, in_channels: int = 3, weights_path: str | None = None
+) -> nn.Module:
+    """Any torchvision classification model by builder name, e.g. 'resnet50', 'vgg11_bn'.
+
+    Built with `torchvision.models.get_model(arch, weights=None, num_classes=...)`; the first
+    3-channel conv is replaced when `in_channels != 3`; `weights_path` loads a local state dict
+    (see `load_weights`: with another num_classes, everything except the classifier is loaded).
+    """
+    archs = classification_archs()
+    if arch not in archs:
+        close = difflib.get_close_matches(arch, archs, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise AtxError(f"unknown torchvision classification model '{arch}'{hint}")
+    model = tvm.get_model(arch, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _set_in_channels(model, in_channels)
+    if weights_path is not None:
+        load_weights(model, weights_path)
+    return model
+
+
+def resnet18(
+    num_classes: int = 1000, in_channels: int = 3, weights_path: str | None = None
+) -> nn.Module:
+    """torchvision ResNet-18 (student of paper §4.2); groups `layer1`..`layer4`."""
+    return torchvision("resnet18", num_classes, in_channels, weights_path)
+
+
+def resnet34(
+    num_classes: int = 1000, in_channels: int = 3, weights_path: str | None = None
+) -> nn.Module:
+    """torchvision ResNet-34 (teacher of paper §4.2); groups `layer1`..`layer4`."""
+    return torchvision("resnet34", num_classes, in_channels, weights_path)

@@ -1,0 +1,132 @@
+"""DistillModule: a student trained with an Objective, optionally from a frozen teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from atx.config import OptimConf
+from atx.features import LayerTaps
+from atx.losses import Objective, StepOutputs
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: the teacher is a fixed function."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class DistillModule(L.LightningModule):
+    """Student + frozen teacher + Objective (CE, KD, AT, F-ActT terms).
+
+    Only the student (and any learned loss adapters) is optimised and checkpointed; the
+    teacher stays in eval mode, runs under ``torch.no_grad()`` and is left out of checkpoints
+    (it is rebuilt from its own file).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        num_classes: int,
+        optim: OptimConf | None = None,
+        teacher: nn.Module | None = None,
+        student_layers: Sequence[str] = (),
+        teacher_layers: Sequence[str] = (),
+    ) -> None:
+        """``student_layers`` / ``teacher_layers``: every module name any term reads."""
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.optim = optim or OptimConf()
+        self.student_taps = LayerTaps(student, student_layers, "student") if student_layers else None
+        self.teacher_taps = (LayerTaps(teacher, teacher_layers, "teacher")
+                             if teacher is not None and teacher_layers else None)
+        self.num_classes = num_classes
+        self.strict_loading = False  # checkpoints hold no teacher weights
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = (MulticlassAccuracy(num_classes, top_k=5, average="micro")
+                         if num_classes > 10 else None)
+
+    # -- the frozen teacher -------------------------------------------------------------
+    def train(self, mode: bool = True) -> DistillModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("teacher.")}
+
+    # -- steps ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        teacher_logits, teacher_feats = None, {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+                teacher_feats = self.teacher_taps.outputs() if self.teacher_taps else {}
+        logits = self.student(x)
+        student_feats = self.student_taps.outputs() if self.student_taps else {}
+        out = StepOutputs(logits, y, teacher_logits, student_feats, teacher_feats)
+        loss, parts = self.objective(out, epoch=self.current_epoch)
+
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True)
+        error = (logits.argmax(dim=1) != y).float().mean() * 100
+        self.log("train/error", error, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        weights = self.objective.weights(self.current_epoch)
+        self.log_dict({f"weight/{k}": float(v) for k, v in weights.items()})
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.student(x)
+        if self.student_taps:
+            self.student_taps.outputs()  # drop tapped features, not needed here
+        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits.float(), y),
+                 on_epoch=True, sync_dist=True)
+        self.val_top1.update(logits, y)
+        if self.val_top5 is not None:
+            self.val_top5.update(logits, y)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        self.log(f"{stage}/error", (1 - self.val_top1.compute()) * 100, prog_bar=True)
+        self.val_top1.reset()
+        if self.val_top5 is not None:
+            self.log(f"{stage}/error_top5", (1 - self.val_top5.compute()) * 100)
+            self.val_top5.reset()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        params = list(self.student.parameters()) + list(self.objective.parameters())
+        optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
+                                    weight_decay=o.weight_decay, nesterov=o.nesterov)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(o.milestones), o.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,163 @@
+"""The Hydra entry point, console script ``atx-train``: compose conf/, validate, fit, export.
+
+    atx-train                                   # default job (conf/train.yaml)
+    atx-train model=wrn_16_1 distill=at teacher=wrn_16_2 teacher.checkpoint=outputs/...
+    atx-train -m distill.at.beta=500,1000 distill.at.p=1,2
+
+Each run writes into its Hydra run dir: ``.hydra/`` (the composed config), ``csv/`` metrics,
+``checkpoints/`` (last + best, student only), ``student.pt`` (the deliverable: a plain state
+dict), ``metrics.json`` and, when a teacher was used, ``attention.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from atx import build
+from atx.checkpoints import STUDENT_FILE
+from atx.config import register
+from atx.errors import AtxError
+from atx.module import DistillModule
+
+register()
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repo's conf/ (editable install)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"distill": {"at": {"beta": 1}}}`` -> ``{"distill.at.beta": 1}`` (dashboard filters)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before data or models are touched."""
+    missing = [k for k in OmegaConf.missing_keys(cfg) if k != "teacher.checkpoint"]
+    if missing:
+        raise AtxError(f"config value '{missing[0]}' is not set: pass {missing[0]}=<value>")
+    build.check_distill(cfg.distill)
+    allowed = build.accepted_kwargs(L.Trainer) - {"logger", "callbacks", "default_root_dir"}
+    build.check_keys(cfg.trainer, allowed, "trainer")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list[Any]:
+    loggers = []
+    for key, node in (cfg.logger or {}).items():
+        extra: dict[str, Any] = {"save_dir": str(run_dir)}
+        if node._target_.endswith("WandbLogger"):
+            if node.get("group") is None and group:
+                extra["group"] = group
+            extra["config"] = flatten(OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(build.instantiate_checked(node, f"logger.{key}", **extra))
+    return loggers
+
+
+def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, float]:
+    """Validate ``cfg``, fit the student, export it; returns the final validation metrics."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build.build_data(cfg)
+    student = build.build_network(cfg.model, "model", data.num_classes, data.in_channels)
+    plan = build.plan_layers(cfg)
+    teacher = None
+    if cfg.distill.kd.alpha > 0 or plan.at or plan.fact:
+        teacher = build.build_teacher(cfg, data.num_classes, data.in_channels)
+    fact_channels: list[tuple[int, int]] = []
+    if plan.student_layers:
+        shape = (data.in_channels, data.image_size, data.image_size)
+        s_shapes = build.probe_shapes(student, plan.student_layers, shape, "student")
+        t_shapes = build.probe_shapes(teacher, plan.teacher_layers, shape, "teacher")
+        fact_channels = build.check_pair_shapes(plan, s_shapes, t_shapes,
+                                                cfg.distill.at.interpolate)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    objective = build.build_objective(cfg.distill, plan, fact_channels,
+                                      trainer_kwargs.get("max_epochs") or 1)
+    module = DistillModule(student, objective, data.num_classes, OmegaConf.to_object(cfg.optim),
+                           teacher, plan.student_layers, plan.teacher_layers)
+
+    loggers = build_loggers(cfg, run_dir, group)
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch}",
+                        monitor="val/error", mode="min", save_last=True,
+                        auto_insert_metric_name=False),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=run_dir, logger=loggers,
+                        callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    trainer.fit(module, datamodule=data)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if trainer.is_global_zero:
+        torch.save(student.state_dict(), run_dir / STUDENT_FILE)
+        best = callbacks[0].best_model_score
+        summary = {"name": cfg.name, "epochs": trainer.current_epoch, **metrics,
+                   "best/val_error": float(best) if best is not None else None}
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        pairs = (plan.at or plan.fact or _preset_pairs(cfg)) if teacher is not None else []
+        if pairs and cfg.figure_images > 0:
+            from atx.visualize import save_attention_figure  # matplotlib only when needed
+
+            save_attention_figure(run_dir / "attention.png", data, cfg.figure_images, {
+                "teacher": (teacher, [t for _, t in pairs]),
+                "student": (student, [s for s, _ in pairs]),
+            }, title=f"{cfg.name}: teacher vs student attention")
+    _finish_wandb(loggers)
+    return metrics
+
+
+def _preset_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The models' ``all`` layer groups, paired, when no transfer term chose layers (KD)."""
+    try:
+        s = build.resolve_layers("all", cfg.model.name, "model")
+        t = build.resolve_layers("all", cfg.teacher.name, "teacher")
+    except AtxError:
+        return []
+    return list(zip(s, t, strict=True)) if len(s) == len(t) else []
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """End the W&B run so the next job of a multirun starts its own (stack notes E13)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+    try:
+        metrics = train(cfg, Path(hc.runtime.output_dir), group)
+    except AtxError as e:
+        if cfg.get("debug", False):
+            raise
+        print(f"atx: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("val/error")
+
+
+def main() -> None:
+    """Console script ``atx-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
