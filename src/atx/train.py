@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from atx.errors import AtxError
 from atx.module import DistillModule
 
 register()
+# the frozen teacher is in eval mode on purpose; lightning's own deprecation noise is not ours
+warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repo's conf/ (editable install)
 
 

@@ -1,0 +1,93 @@
+"""Attention maps and the AT loss against values computed by hand from the paper's equations."""
+
+import math
+
+import pytest
+import torch
+
+from atx.attention import at_loss, attention_map, spatial_map
+
+# One sample, C=2 channels, a 1x2 map: A_1 = [1, -2], A_2 = [3, 0].
+A = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])
+
+
+@pytest.mark.parametrize(
+    ("p", "mode", "expected"),
+    [
+        (2.0, "sum", [10.0, 4.0]),  # F^2_sum = 1+9, 4+0
+        (1.0, "sum", [4.0, 2.0]),  # F_sum = |1|+|3|, |-2|+|0|
+        (4.0, "sum", [82.0, 16.0]),  # 1+81, 16+0
+        (2.0, "max", [9.0, 4.0]),  # F^2_max = max(1, 9), max(4, 0)
+        (1.0, "max", [3.0, 2.0]),
+        (0.5, "sum", [1 + math.sqrt(3), math.sqrt(2)]),  # any real p > 0, on |A|
+    ],
+)
+def test_spatial_map_hand_values(p, mode, expected):
+    got = spatial_map(A, p, mode)
+    assert got.shape == (1, 1, 2)
+    torch.testing.assert_close(got.flatten(), torch.tensor(expected))
+
+
+def test_attention_map_is_l2_normalised_per_sample():
+    q = attention_map(A, 2.0, "sum")
+    torch.testing.assert_close(q, torch.tensor([[10.0, 4.0]]) / math.sqrt(116.0))
+    batch = torch.randn(5, 7, 4, 3)
+    q = attention_map(batch)
+    assert q.shape == (5, 12)
+    torch.testing.assert_close(q.norm(dim=1), torch.ones(5))
+
+
+def test_attention_map_float32_under_autocast():
+    x = torch.randn(2, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = attention_map(x.bfloat16())
+    assert q.dtype == torch.float32
+
+
+def test_bad_p_and_shape():
+    with pytest.raises(ValueError, match="p must be > 0"):
+        spatial_map(A, 0.0)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        spatial_map(torch.zeros(2, 3))
+
+
+def _features_with_map(values):
+    """A (1, 1, 1, n) feature whose F^2_sum map is ``values`` (square roots of them)."""
+    return torch.tensor(values).sqrt().view(1, 1, 1, -1)
+
+
+def test_at_loss_code_and_paper_hand_values():
+    s = _features_with_map([1.0, 0.0])  # q_s = [1, 0]
+    t = _features_with_map([0.0, 1.0])  # q_t = [0, 1]; diff = [1, -1]
+    # code: mean over batch and positions of squared differences = (1 + 1) / 2
+    torch.testing.assert_close(at_loss(s, t, reduction="code"), torch.tensor(1.0))
+    # paper (Eq. 2 / beta): 1/2 * ||diff||_2 = sqrt(2) / 2
+    torch.testing.assert_close(at_loss(s, t, reduction="paper"), torch.tensor(math.sqrt(2) / 2))
+
+
+def test_at_loss_worked_relation_between_reductions():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 8, 6, 5), torch.randn(4, 16, 6, 5)  # channel counts may differ
+    d = (attention_map(s) - attention_map(t)).norm(dim=1)  # d_b
+    hw = 30
+    torch.testing.assert_close(at_loss(s, t, reduction="code"), (d**2).mean() / hw)
+    torch.testing.assert_close(at_loss(s, t, reduction="paper"), d.mean() / 2)
+
+
+def test_at_loss_zero_for_scaled_teacher_and_gradient_finite():
+    s = torch.randn(3, 4, 5, 5, requires_grad=True)
+    t = 3.0 * s.detach()  # same map up to scale: normalisation removes it
+    for reduction in ("code", "paper"):
+        loss = at_loss(s, t, reduction=reduction)
+        assert float(loss) == pytest.approx(0.0, abs=1e-6)
+        (g,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(g).all()
+
+
+def test_at_loss_spatial_mismatch_and_interpolation():
+    s, t = torch.ones(2, 3, 4, 4), torch.ones(2, 5, 8, 8)
+    with pytest.raises(ValueError, match=r"student \(2, 3, 4, 4\) vs teacher \(2, 5, 8, 8\)"):
+        at_loss(s, t)
+    # constant maps stay constant when resized: zero distance
+    assert float(at_loss(s, t, interpolate=True)) == pytest.approx(0.0, abs=1e-7)
+    assert float(at_loss(torch.randn(2, 3, 4, 4), t, interpolate=True)) > 0

@@ -1,0 +1,121 @@
+"""KD, F-ActT, schedules and the Objective against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from atx.losses import (
+    AttentionTransfer,
+    CrossEntropy,
+    FullActivationTransfer,
+    KnowledgeDistillation,
+    Objective,
+    Schedule,
+    StepOutputs,
+    fact_loss,
+    kd_loss,
+)
+
+# p_t = softmax([ln 3, 0]) = [3/4, 1/4], p_s = [1/2, 1/2]:
+# KL(p_t || p_s) = 3/4 ln(3/2) + 1/4 ln(1/2)
+KL_HAND = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+
+
+def test_kd_loss_hand_value_and_temperature_scaling():
+    s = torch.zeros(1, 2)
+    t1 = torch.tensor([[math.log(3.0), 0.0]])
+    torch.testing.assert_close(kd_loss(s, t1, temperature=1.0), torch.tensor(KL_HAND))
+    # at T=2 the same distributions come from logits twice as large; the loss is T^2 * KL
+    t2 = 2 * t1
+    torch.testing.assert_close(kd_loss(s, t2, temperature=2.0), torch.tensor(4 * KL_HAND))
+
+
+def test_kd_loss_batch_mean_and_zero_when_equal():
+    s = torch.zeros(3, 2)
+    t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(kd_loss(s, t, 1.0), torch.tensor(KL_HAND / 3))
+    z = torch.randn(4, 10)
+    assert float(kd_loss(z, z.clone())) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fact_loss_hand_value():
+    # one sample, C=1, 1x2: a_s = [1, 0], a_t = [0, 1] (already unit norm); ||diff||^2 = 2;
+    # divided by B * H * W = 1 * 1 * 2
+    s = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    t = torch.tensor([0.0, 5.0]).view(1, 1, 1, 2)  # scale is normalised away
+    torch.testing.assert_close(fact_loss(s, t), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="equal activation shapes"):
+        fact_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 3, 2, 2))
+
+
+def test_schedules():
+    assert Schedule(5.0)(100) == 5.0
+    step = Schedule(1000.0, "step", milestones=[2, 4], gamma=0.1)
+    assert [step(e) for e in range(6)] == pytest.approx([1000, 1000, 100, 100, 10, 10])
+    lin = Schedule(1000.0, "linear", final=0.0, end_epoch=10)
+    assert [lin(e) for e in (0, 5, 10, 20)] == pytest.approx([1000, 500, 0, 0])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Schedule(1.0, "cosine")(0)
+
+
+def _outputs(b=4, with_teacher=True):
+    torch.manual_seed(0)
+    return StepOutputs(
+        logits=torch.randn(b, 10, requires_grad=True),
+        targets=torch.randint(0, 10, (b,)),
+        teacher_logits=torch.randn(b, 10) if with_teacher else None,
+        student_features={"g1": torch.randn(b, 4, 8, 8, requires_grad=True),
+                          "g2": torch.randn(b, 8, 4, 4, requires_grad=True)},
+        teacher_features={"t1": torch.randn(b, 8, 8, 8), "t2": torch.randn(b, 16, 4, 4)},
+    )
+
+
+def test_objective_sums_weighted_terms_and_reports_each():
+    out = _outputs()
+    pairs = [("g1", "t1"), ("g2", "t2")]
+    alpha, beta = 0.9, 1000.0
+    objective = Objective([
+        CrossEntropy(Schedule(1 - alpha)),
+        KnowledgeDistillation(Schedule(alpha), temperature=4.0),
+        AttentionTransfer(Schedule(beta), pairs),
+    ])
+    total, parts = objective(out)
+    assert set(parts) == {"ce", "kd", "at/g1", "at/g2"}
+    ce = nn.functional.cross_entropy(out.logits, out.targets)
+    kd = kd_loss(out.logits, out.teacher_logits, 4.0)
+    from atx.attention import at_loss
+
+    at = at_loss(out.student_features["g1"], out.teacher_features["t1"]) + at_loss(
+        out.student_features["g2"], out.teacher_features["t2"])
+    torch.testing.assert_close(total, (1 - alpha) * ce + alpha * kd + beta * at)
+    torch.testing.assert_close(parts["ce"], ce)
+    assert objective.needs_teacher
+    assert objective.weights(0) == pytest.approx({"ce": 0.1, "kd": 0.9, "at": 1000.0})
+
+
+def test_objective_follows_beta_schedule():
+    out = _outputs()
+    at = AttentionTransfer(Schedule(100.0, "linear", final=0.0, end_epoch=4), [("g1", "t1")])
+    objective = Objective([CrossEntropy(Schedule(1.0)), at])
+    t0, parts = objective(out, epoch=0)
+    t2, _ = objective(out, epoch=2)
+    t4, _ = objective(out, epoch=4)
+    torch.testing.assert_close(t0 - t4, 100.0 * parts["at/g1"])
+    torch.testing.assert_close(t2 - t4, 50.0 * parts["at/g1"])
+    assert not Objective([CrossEntropy(Schedule(1.0))]).needs_teacher
+
+
+def test_fact_adapters_only_where_widths_differ_and_they_learn():
+    out = _outputs()
+    term = FullActivationTransfer(Schedule(1.0), [("g1", "t1"), ("g2", "t2")],
+                                  channels=[(4, 8), (8, 16)])
+    assert all(isinstance(a, nn.Conv2d) for a in term.adapters)
+    same = FullActivationTransfer(Schedule(1.0), [("g1", "g1")], channels=[(4, 4)])
+    assert isinstance(same.adapters[0], nn.Identity)
+    total, parts = Objective([term])(out)
+    assert set(parts) == {"fact/g1", "fact/g2"}
+    total.backward()
+    assert term.adapters[0].weight.grad is not None
+    assert out.student_features["g1"].grad is not None

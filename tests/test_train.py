@@ -1,0 +1,182 @@
+"""End to end, in process: compose the real config, train a teacher, then students from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from layouts import write_cifar10, write_image_folder
+from omegaconf import open_dict
+
+from atx.errors import AtxError
+from atx.models import build_model
+from atx.train import CONF_DIR, train
+
+TINY = [
+    "model.depth=10",  # WRN-10-1: one block per group, same three groups as WRN-16-1
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=8",
+    "logger=csv",
+    "figure_images=2",
+]
+
+
+def compose_cfg(overrides: list[str]):
+    """The config exactly as ``atx-train <overrides>`` composes it (HydraConfig set too)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def cifar_overrides(root: Path, layout: str) -> list[str]:
+    if layout == "torchvision":
+        write_cifar10(root, n_train=40, n_test=20)
+    else:
+        write_image_folder(root, {"train": 4, "test": 2})
+    return ["data=cifar10", f"data.root={root}"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A WRN-10-2 teacher trained for one epoch on an image-folder CIFAR-10 copy."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    data = cifar_overrides(tmp / "data", "folder")
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    cfg = compose_cfg(TINY + data + ["model.width=2", "name=teacher"])
+    metrics = train(cfg, run_dir)
+    assert 0 <= metrics["val/error"] <= 100
+    return run_dir
+
+
+def test_teacher_run_writes_its_outputs(teacher_dir: Path):
+    for name in ("student.pt", "metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv"):
+        assert (teacher_dir / name).is_file(), name
+    summary = json.loads((teacher_dir / "metrics.json").read_text())
+    assert summary["name"] == "teacher" and summary["epochs"] == 1
+    state = torch.load(teacher_dir / "student.pt", weights_only=True)
+    build_model("wrn", num_classes=10, depth=10, width=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("distill", "layout"),
+    [("at", "torchvision"), ("at_kd", "folder"), ("fact", "torchvision"), ("kd", "folder")],
+)
+def test_student_from_teacher(tmp_path, teacher_dir, distill, layout):
+    data = cifar_overrides(tmp_path / "data", layout)
+    cfg = compose_cfg(TINY + data + [
+        f"distill={distill}", "teacher=wrn_16_2", "teacher.depth=10",
+        f"teacher.checkpoint={teacher_dir}", f"name=student_{distill}",
+    ])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    before = torch.load(teacher_dir / "student.pt", weights_only=True)
+    train(cfg, run_dir)
+    log = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    expected = {"at": ["train/at/group1_step", "train/at/group3_step"],
+                "at_kd": ["train/at/group2_step", "train/kd_step", "weight/at"],
+                "fact": ["train/fact/group1_step"], "kd": ["train/kd_step"]}[distill]
+    for column in expected + ["train/ce_step", "val/error"]:
+        assert column in log, column
+    assert (run_dir / "attention.png").stat().st_size > 1000
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert any(k.startswith("student.") for k in ckpt["state_dict"])
+    after = torch.load(teacher_dir / "student.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_layer_lists_from_the_shell(tmp_path, teacher_dir):
+    data = cifar_overrides(tmp_path / "data", "folder")
+    cfg = compose_cfg(TINY + data + [
+        "distill=at", "teacher=wrn_16_2", "teacher.depth=10", f"teacher.checkpoint={teacher_dir}",
+        "distill.at.student_layers=[group2,group3.0.conv1]",
+        "distill.at.teacher_layers=[group2,group3]",
+    ])
+    (tmp_path / "run").mkdir()
+    train(cfg, tmp_path / "run")
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/at/group3.0.conv1_step" in header and "train/at/group1_step" not in header
+
+
+# -- bad input: one clear line each ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["distill.at.bta=3"], "Key 'bta' not in 'ATConf'"),
+        (["optim.lrr=0.1"], "Key 'lrr' not in 'OptimConf'"),
+        (["model=wrn_16_9"], "Could not find 'model/wrn_16_9'"),
+        (["distill=atkd"], "Could not find 'distill/atkd'"),
+        (["distill.at.p=two"], "could not be converted to Float"),
+    ],
+)
+def test_config_typos_fail_at_composition(overrides, message):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg(overrides)
+    assert message in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "wrn10_2.pt"
+    # a teacher for the default data (Fashion-MNIST: 1 channel, 28x28)
+    model = build_model("wrn", num_classes=10, in_channels=1, depth=10, width=2)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+BAD = [
+    (["model.name=wrm"], "model: unknown model 'wrm'"),
+    (["+model.depht=16"], "model 'wrn' has no option 'depht'"),
+    (["+data.batchsize=3"], "unknown option 'data.batchsize' (did you mean 'data.batch_size'?)"),
+    (["+trainer.max_epoch=3"], "unknown option 'trainer.max_epoch'"),
+    (["distill=at"], "need a teacher: add teacher="),
+    (["distill=kd", "teacher=wrn_16_2"], "teacher.checkpoint is not set"),
+    (["distill=at", "teacher=wrn_16_2", "teacher.checkpoint=/nope/run"],
+     "checkpoint '/nope/run' not found"),
+    (["distill=at", "teacher=wrn_16_2", "teacher.checkpoint={ckpt}"],
+     "teacher checkpoint '{ckpt}' does not fit the configured teacher model"),
+    (["distill=at", "distill.at.beta=-1"], "distill.at.beta=-1.0 must be >= 0"),
+    (["distill=at", "distill.at.p=0"], "distill.at.p=0.0 must be > 0"),
+    (["distill=at", "distill.at.mode=mean"], "distill.at.mode='mean' is unknown"),
+    (["distill=kd", "distill.kd.alpha=1.5"], "distill.kd.alpha=1.5 must lie in [0, 1]"),
+    (["distill=at", "{teacher}", "distill.at.student_layers=[group1,group2]",
+      "distill.at.teacher_layers=[group3]"], "2 student layers ['group1', 'group2'] but 1 teacher"),
+    (["distill=at", "{teacher}", "distill.at.student_layers=[grup1]",
+      "distill.at.teacher_layers=[group1]"], "student has no layer named 'grup1' (did you mean"),
+    (["distill=at", "{teacher}", "distill.at.student_layers=[group1]",
+      "distill.at.teacher_layers=[group2]"], "student layer 'group1' is 28x28 but teacher layer"),
+    (["distill=at", "{teacher}", "distill.at.student_layers=most"],
+     "distill.at.student_layers='most' is not a layer preset of model 'wrn'"),
+    (["distill=at_kd", "{teacher}", "distill.at.schedule.kind=cosine"],
+     "distill.at.schedule.kind='cosine' is unknown"),
+    (["data=cifar10", "data.root=/nope/cifar"], "CIFAR-10 not found under '/nope/cifar'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD)
+def test_bad_config_gives_one_clear_line(tmp_path, random_teacher, overrides, message):
+    teacher = ["teacher=wrn_16_2", "teacher.depth=10", f"teacher.checkpoint={random_teacher}"]
+    expanded: list[str] = []
+    for o in overrides:
+        expanded += teacher if o == "{teacher}" else [o.replace("{ckpt}", str(random_teacher))]
+    if "teacher.checkpoint={ckpt}" in overrides[-1]:
+        expanded.append("teacher.depth=16")  # WRN-16-2 cannot load WRN-10-2 weights
+    cfg = compose_cfg(TINY + ["data.train_subset=16", "data.val_subset=8"] + expanded)
+    with pytest.raises(AtxError) as info:
+        train(cfg, tmp_path)
+    text = str(info.value)
+    assert message.replace("{ckpt}", str(random_teacher)) in text
+    assert "\n" not in text
