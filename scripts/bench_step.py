@@ -69,12 +69,25 @@ def compose_distill(preset: str, model: str = "wrn_16_1", teacher: str = "wrn_16
     """The composed train config for ``distill=<preset>`` (what ``atx-train`` would see)."""
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"model={model}", f"teacher={teacher}",
-                                           f"distill={preset}", "data=cifar10", "logger=csv"])
+        return compose(
+            "train",
+            overrides=[
+                f"model={model}",
+                f"teacher={teacher}",
+                f"distill={preset}",
+                "data=cifar10",
+                "logger=csv",
+            ],
+        )
 
 
-def build_module(preset: str, student: nn.Module, teacher: nn.Module, num_classes: int,
-                 image_shape: tuple[int, int, int]) -> DistillModule:
+def build_module(
+    preset: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+) -> DistillModule:
     """DistillModule for one distill preset, built like ``atx.train.train`` builds it
     (teacher weights are random: the checkpoint changes no timing)."""
     cfg = compose_distill(preset)
@@ -84,19 +97,31 @@ def build_module(preset: str, student: nn.Module, teacher: nn.Module, num_classe
     if plan.student_layers:
         s_shapes = build.probe_shapes(student, plan.student_layers, image_shape, "student")
         t_shapes = build.probe_shapes(teacher, plan.teacher_layers, image_shape, "teacher")
-        fact_channels = build.check_pair_shapes(plan, s_shapes, t_shapes,
-                                                cfg.distill.at.interpolate)
+        fact_channels = build.check_pair_shapes(
+            plan, s_shapes, t_shapes, cfg.distill.at.interpolate
+        )
     objective = build.build_objective(cfg.distill, plan, fact_channels, max_epochs=1)
-    return DistillModule(student, objective, num_classes, OptimConf(),
-                         teacher if uses_teacher else None, plan.student_layers,
-                         plan.teacher_layers)
+    return DistillModule(
+        student,
+        objective,
+        num_classes,
+        OptimConf(),
+        teacher if uses_teacher else None,
+        plan.student_layers,
+        plan.teacher_layers,
+    )
 
 
 def make_batches(n: int, batch_size: int, num_classes: int = 10, seed: int = 0) -> list[Batch]:
     """``n`` distinct random CIFAR-shaped float32 batches."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 3, 32, 32, generator=g),
-             torch.randint(0, num_classes, (batch_size,), generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.randn(batch_size, 3, 32, 32, generator=g),
+            torch.randint(0, num_classes, (batch_size,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 # -- runners: each times `steps` steps and returns seconds per step -----------------------
@@ -126,9 +151,17 @@ class TrainerRunner:
     def __call__(self, steps: int) -> list[float]:
         timer = StepTimer()
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[timer],
         )
         data = [self.batches[i % len(self.batches)] for i in range(steps)]
         trainer.fit(self.module, DataLoader(data, batch_size=None, shuffle=False))
@@ -190,8 +223,9 @@ class Result:
     wall_s: float = 0.0
 
 
-def make_runners(configs: Sequence[str], paths: Sequence[str], batch_size: int,
-                 n_batches: int = 4) -> dict[tuple[str, str], Callable[[int], list[float]]]:
+def make_runners(
+    configs: Sequence[str], paths: Sequence[str], batch_size: int, n_batches: int = 4
+) -> dict[tuple[str, str], Callable[[int], list[float]]]:
     """One runner per (config, path); every module has its own student and teacher copies
     (same initial weights), so no hook or optimiser state is shared."""
     torch.manual_seed(0)
@@ -204,16 +238,24 @@ def make_runners(configs: Sequence[str], paths: Sequence[str], batch_size: int,
             runners[(name, "manual")] = TeacherForward(copy.deepcopy(teacher), batches)
             continue
         for path in paths:
-            module = build_module(DISTILL[name], copy.deepcopy(student), copy.deepcopy(teacher),
-                                  10, (3, 32, 32))
+            module = build_module(
+                DISTILL[name], copy.deepcopy(student), copy.deepcopy(teacher), 10, (3, 32, 32)
+            )
             runner = TrainerRunner if path == "trainer" else ManualRunner
             runners[(name, path)] = runner(module, batches)
     return runners
 
 
-def run_benchmark(configs: Sequence[str] = CONFIGS, paths: Sequence[str] = PATHS,
-                  steps: int = 40, warmup: int = 3, block: int = 5, batch_size: int = 128,
-                  threads: int = 2, log: Callable[[str], None] | None = None) -> Result:
+def run_benchmark(
+    configs: Sequence[str] = CONFIGS,
+    paths: Sequence[str] = PATHS,
+    steps: int = 40,
+    warmup: int = 3,
+    block: int = 5,
+    batch_size: int = 128,
+    threads: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> Result:
     """Round-robin over all runners, ``block`` steps at a time, until each has ``steps`` kept
     steps. Discarded: each runner's first ``warmup`` steps and the first step of every block
     (a new Trainer's first step, or the first after another model ran)."""
@@ -238,8 +280,10 @@ def run_benchmark(configs: Sequence[str] = CONFIGS, paths: Sequence[str] = PATHS
             seen[key] += 1
         if log:
             done = min(len(v) for v in kept.values())
-            log(f"round {rnd}: {done}/{steps} kept steps per config,"
-                f" {time.perf_counter() - t_start:.0f} s")
+            log(
+                f"round {rnd}: {done}/{steps} kept steps per config,"
+                f" {time.perf_counter() - t_start:.0f} s"
+            )
     return Result(kept, batch_size, threads, time.perf_counter() - t_start)
 
 
@@ -255,8 +299,14 @@ def quantile(xs: Sequence[float], q: float) -> float:
 def summarize(times: Sequence[float], batch_size: int) -> dict[str, float]:
     med = statistics.median(times)
     p10, p90 = quantile(times, 0.1), quantile(times, 0.9)
-    return {"median_ms": med * 1e3, "p10_ms": p10 * 1e3, "p90_ms": p90 * 1e3,
-            "img_s": batch_size / med, "spread": p90 / p10, "n": len(times)}
+    return {
+        "median_ms": med * 1e3,
+        "p10_ms": p10 * 1e3,
+        "p90_ms": p90 * 1e3,
+        "img_s": batch_size / med,
+        "spread": p90 / p10,
+        "n": len(times),
+    }
 
 
 def ratios(med: dict[str, float]) -> dict[str, float]:
@@ -274,16 +324,20 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
 
 def report(result: Result) -> tuple[str, bool]:
     """The markdown tables, and whether the run was noisy (p90/p10 > NOISY anywhere)."""
-    lines = ["| config | path | median ms/step | p10-p90 ms | p90/p10 | images/s | steps |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| config | path | median ms/step | p10-p90 ms | p90/p10 | images/s | steps |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     noisy = False
     meds: dict[str, dict[str, float]] = {}
     for (name, path), times in result.times.items():
         s = summarize(times, result.batch_size)
         noisy |= s["spread"] > NOISY
         label = "no_grad forward" if name == TEACHER else path
-        lines.append(f"| {name} | {label} | {s['median_ms']:.1f} | {s['p10_ms']:.1f}-"
-                     f"{s['p90_ms']:.1f} | {s['spread']:.2f} | {s['img_s']:.0f} | {s['n']} |")
+        lines.append(
+            f"| {name} | {label} | {s['median_ms']:.1f} | {s['p10_ms']:.1f}-"
+            f"{s['p90_ms']:.1f} | {s['spread']:.2f} | {s['img_s']:.0f} | {s['n']} |"
+        )
         meds.setdefault(path, {})[name] = s["median_ms"]
     for path in PATHS:
         if path not in meds:
@@ -297,16 +351,27 @@ def report(result: Result) -> tuple[str, bool]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=40, help="kept steps per config and path")
     p.add_argument("--warmup", type=int, default=3, help="first steps of each runner discarded")
-    p.add_argument("--block", type=int, default=5,
-                   help="steps per round-robin block (its first step is discarded)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=5,
+        help="steps per round-robin block (its first step is discarded)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
-                   metavar="CONFIG", help=f"subset of: {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=CONFIGS,
+        metavar="CONFIG",
+        help=f"subset of: {', '.join(CONFIGS)}",
+    )
     p.add_argument("--trainer", action="store_true", help="time the lightning.Trainer path")
     p.add_argument("--manual", action="store_true", help="time the manual loop")
     args = p.parse_args(argv)
@@ -326,20 +391,36 @@ def quiet() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet()
-    print(f"# atx step benchmark {datetime.datetime.now():%Y-%m-%d %H:%M}: torch"
-          f" {torch.__version__}, lightning {L.__version__}, {platform.processor() or '?'},"
-          f" threads {args.threads}, batch {args.batch_size}, float32 CPU; {args.steps} kept steps"
-          f" per config (warm-up {args.warmup}, blocks of {args.block}), paths"
-          f" {'+'.join(args.paths)}", flush=True)
-    result = run_benchmark(args.configs, args.paths, args.steps, args.warmup, args.block,
-                           args.batch_size, args.threads, log=lambda s: print(s, flush=True))
+    print(
+        f"# atx step benchmark {datetime.datetime.now():%Y-%m-%d %H:%M}: torch"
+        f" {torch.__version__}, lightning {L.__version__}, {platform.processor() or '?'},"
+        f" threads {args.threads}, batch {args.batch_size}, float32 CPU; {args.steps} kept steps"
+        f" per config (warm-up {args.warmup}, blocks of {args.block}), paths"
+        f" {'+'.join(args.paths)}",
+        flush=True,
+    )
+    result = run_benchmark(
+        args.configs,
+        args.paths,
+        args.steps,
+        args.warmup,
+        args.block,
+        args.batch_size,
+        args.threads,
+        log=lambda s: print(s, flush=True),
+    )
     table, noisy = report(result)
     print()
     print(table)
     print()
-    print(f"wall {result.wall_s:.0f} s;" + (
-        f" NOISY: p90/p10 > {NOISY} for some config, rerun on a quieter machine"
-        if noisy else f" spread ok (p90/p10 <= {NOISY} everywhere)"))
+    print(
+        f"wall {result.wall_s:.0f} s;"
+        + (
+            f" NOISY: p90/p10 > {NOISY} for some config, rerun on a quieter machine"
+            if noisy
+            else f" spread ok (p90/p10 <= {NOISY} everywhere)"
+        )
+    )
     return 0
 
 

@@ -5,10 +5,7 @@ Tiny copies of the official layouts are written into ``tmp_path``; no network is
 
 from __future__ import annotations
 
-import gzip
-import pickle
 import shutil
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,91 +31,14 @@ from atx.errors import AtxError
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-# --- fixtures: tiny copies of the official layouts --------------------------------------------
-def _dump(path: Path, obj: object) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def write_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> tuple[np.ndarray, ...]:
-    """torchvision layout, keys as bytes (how the official Python-2 pickles load by default)."""
-    rng = np.random.default_rng(0)
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    x_tr = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
-    y_tr = rng.integers(0, 10, n_train)
-    x_te = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    y_te = rng.integers(0, 10, n_test)
-    per = n_train // 5
-    for i in range(5):
-        sl = slice(i * per, (i + 1) * per)
-        _dump(
-            base / f"data_batch_{i + 1}",
-            {b"batch_label": b"training batch", b"data": x_tr[sl], b"labels": y_tr[sl].tolist()},
-        )
-    _dump(base / "test_batch", {b"data": x_te, b"labels": y_te.tolist()})
-    _dump(base / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES]})
-    return x_tr, y_tr, x_te, y_te
-
-
-def write_cifar100(root: Path, n_train: int = 20, n_test: int = 10) -> tuple[np.ndarray, ...]:
-    """torchvision layout, keys as str (how torchvision itself unpickles them)."""
-    rng = np.random.default_rng(1)
-    base = root / "cifar-100-python"
-    base.mkdir(parents=True)
-    x_tr = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
-    y_tr = rng.integers(0, 100, n_train)
-    x_te = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    y_te = rng.integers(0, 100, n_test)
-    for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-        _dump(
-            base / name,
-            {"data": x, "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist()},
-        )
-    _dump(base / "meta", {"fine_label_names": CIFAR100_CLASSES, "coarse_label_names": ["x"] * 20})
-    return x_tr, y_tr, x_te, y_te
-
-
-def write_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> dict:
-    """``root/<split>/<class>/<i>.png`` with random 32x32 RGB images; returns the arrays."""
-    rng = np.random.default_rng(seed)
-    images: dict[str, dict[str, list[np.ndarray]]] = {}
-    for split, n in per_class.items():
-        images[split] = {}
-        for cls in CIFAR10_CLASSES:
-            d = root / split / cls
-            d.mkdir(parents=True)
-            images[split][cls] = []
-            for i in range(n):
-                a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(a).save(d / f"{i:03d}.png")
-                images[split][cls].append(a)
-    return images
-
-
-def write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    raw = raw[: len(raw) - truncate]
-    if path.suffix == ".gz":
-        raw = gzip.compress(raw)
-    path.write_bytes(raw)
-
-
-def write_fashion(root: Path, gz: bool = True, n_train: int = 12, n_test: int = 6) -> tuple:
-    rng = np.random.default_rng(2)
-    root.mkdir(parents=True, exist_ok=True)
-    arrays = (
-        rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        rng.integers(0, 10, n_train).astype(np.uint8),
-        rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        rng.integers(0, 10, n_test).astype(np.uint8),
-    )
-    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")  # fmt: skip
-    for stem, a in zip(stems, arrays, strict=True):
-        write_idx(root / (stem + (".gz" if gz else "")), a)
-    return arrays
+from layouts import (  # noqa: E402
+    dump_pickle,
+    write_cifar10,
+    write_cifar100,
+    write_fashion,
+    write_idx,
+    write_image_folder,
+)
 
 
 # --- loading each layout ----------------------------------------------------------------------
@@ -433,7 +353,7 @@ def test_error_missing_or_bad_file(tmp_path: Path) -> None:
     batch.write_bytes(b"garbage")
     msg = _err(lambda: CIFAR10DataModule(str(tmp_path)).setup())
     assert f"CIFAR file '{batch}' is not a readable CIFAR pickle" in msg
-    _dump(batch, {b"data": np.zeros((2, 3072), np.uint8)})
+    dump_pickle(batch, {b"data": np.zeros((2, 3072), np.uint8)})
     msg = _err(lambda: CIFAR10DataModule(str(tmp_path)).setup())
     assert f"CIFAR file '{batch}' has no 'labels' entry" in msg
 
@@ -498,3 +418,37 @@ def test_error_bad_arguments(tmp_path: Path) -> None:
     write_cifar10(tmp_path)
     msg = _err(lambda: CIFAR10DataModule(str(tmp_path), train_subset=21).setup())
     assert "data.train_subset=21 exceeds the 20 images" in msg
+
+
+def test_loader_survives_lightning_distributed_sampler(tmp_path: Path) -> None:
+    """Lightning rebuilds the loader with a DistributedSampler under DDP; batches stay pairs."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    write_cifar10(tmp_path)
+    dm = CIFAR10DataModule(str(tmp_path), batch_size=4)
+    dm.setup()
+    loader = dm.train_dataloader()
+    seen = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, seed=0)
+        for xb, yb in _update_dataloader(loader, sampler):
+            assert xb.shape[1:] == (3, 32, 32) and len(xb) == len(yb) <= 4
+            seen += [int(torch.nonzero((dm.x_train == img).flatten(1).all(1))[0]) for img in xb]
+    assert sorted(seen) == list(range(20))
+
+
+def test_download_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = CIFAR10DataModule(str(tmp_path), download=True)
+
+    def offline(train: bool) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(dm, "_torchvision_dataset", offline)
+    msg = _err(dm.prepare_data)
+    assert msg.startswith(f"downloading CIFAR-10 into '{tmp_path}' failed (OSError: network")
+    assert msg.endswith("set data.download=false")
+    write_cifar10(tmp_path)
+    dm.prepare_data()  # a copy is there: nothing to download
+    dm.setup()
+    assert len(dm.x_train) == 20

@@ -66,8 +66,10 @@ def _outputs(b=4, with_teacher=True):
         logits=torch.randn(b, 10, requires_grad=True),
         targets=torch.randint(0, 10, (b,)),
         teacher_logits=torch.randn(b, 10) if with_teacher else None,
-        student_features={"g1": torch.randn(b, 4, 8, 8, requires_grad=True),
-                          "g2": torch.randn(b, 8, 4, 4, requires_grad=True)},
+        student_features={
+            "g1": torch.randn(b, 4, 8, 8, requires_grad=True),
+            "g2": torch.randn(b, 8, 4, 4, requires_grad=True),
+        },
         teacher_features={"t1": torch.randn(b, 8, 8, 8), "t2": torch.randn(b, 16, 4, 4)},
     )
 
@@ -76,11 +78,13 @@ def test_objective_sums_weighted_terms_and_reports_each():
     out = _outputs()
     pairs = [("g1", "t1"), ("g2", "t2")]
     alpha, beta = 0.9, 1000.0
-    objective = Objective([
-        CrossEntropy(Schedule(1 - alpha)),
-        KnowledgeDistillation(Schedule(alpha), temperature=4.0),
-        AttentionTransfer(Schedule(beta), pairs),
-    ])
+    objective = Objective(
+        [
+            CrossEntropy(Schedule(1 - alpha)),
+            KnowledgeDistillation(Schedule(alpha), temperature=4.0),
+            AttentionTransfer(Schedule(beta), pairs),
+        ]
+    )
     total, parts = objective(out)
     assert set(parts) == {"ce", "kd", "at/g1", "at/g2"}
     ce = nn.functional.cross_entropy(out.logits, out.targets)
@@ -88,7 +92,8 @@ def test_objective_sums_weighted_terms_and_reports_each():
     from atx.attention import at_loss
 
     at = at_loss(out.student_features["g1"], out.teacher_features["t1"]) + at_loss(
-        out.student_features["g2"], out.teacher_features["t2"])
+        out.student_features["g2"], out.teacher_features["t2"]
+    )
     torch.testing.assert_close(total, (1 - alpha) * ce + alpha * kd + beta * at)
     torch.testing.assert_close(parts["ce"], ce)
     assert objective.needs_teacher
@@ -109,8 +114,9 @@ def test_objective_follows_beta_schedule():
 
 def test_fact_adapters_only_where_widths_differ_and_they_learn():
     out = _outputs()
-    term = FullActivationTransfer(Schedule(1.0), [("g1", "t1"), ("g2", "t2")],
-                                  channels=[(4, 8), (8, 16)])
+    term = FullActivationTransfer(
+        Schedule(1.0), [("g1", "t1"), ("g2", "t2")], channels=[(4, 8), (8, 16)]
+    )
     assert all(isinstance(a, nn.Conv2d) for a in term.adapters)
     same = FullActivationTransfer(Schedule(1.0), [("g1", "g1")], channels=[(4, 4)])
     assert isinstance(same.adapters[0], nn.Identity)

@@ -76,18 +76,28 @@ def test_teacher_run_writes_its_outputs(teacher_dir: Path):
 )
 def test_student_from_teacher(tmp_path, teacher_dir, distill, layout):
     data = cifar_overrides(tmp_path / "data", layout)
-    cfg = compose_cfg(TINY + data + [
-        f"distill={distill}", "teacher=wrn_16_2", "teacher.depth=10",
-        f"teacher.checkpoint={teacher_dir}", f"name=student_{distill}",
-    ])
+    cfg = compose_cfg(
+        TINY
+        + data
+        + [
+            f"distill={distill}",
+            "teacher=wrn_16_2",
+            "teacher.depth=10",
+            f"teacher.checkpoint={teacher_dir}",
+            f"name=student_{distill}",
+        ]
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     before = torch.load(teacher_dir / "student.pt", weights_only=True)
     train(cfg, run_dir)
     log = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    expected = {"at": ["train/at/group1_step", "train/at/group3_step"],
-                "at_kd": ["train/at/group2_step", "train/kd_step", "weight/at"],
-                "fact": ["train/fact/group1_step"], "kd": ["train/kd_step"]}[distill]
+    expected = {
+        "at": ["train/at/group1_step", "train/at/group3_step"],
+        "at_kd": ["train/at/group2_step", "train/kd_step", "weight/at"],
+        "fact": ["train/fact/group1_step"],
+        "kd": ["train/kd_step"],
+    }[distill]
     for column in expected + ["train/ce_step", "val/error"]:
         assert column in log, column
     assert (run_dir / "attention.png").stat().st_size > 1000
@@ -100,11 +110,18 @@ def test_student_from_teacher(tmp_path, teacher_dir, distill, layout):
 
 def test_layer_lists_from_the_shell(tmp_path, teacher_dir):
     data = cifar_overrides(tmp_path / "data", "folder")
-    cfg = compose_cfg(TINY + data + [
-        "distill=at", "teacher=wrn_16_2", "teacher.depth=10", f"teacher.checkpoint={teacher_dir}",
-        "distill.at.student_layers=[group2,group3.0.conv1]",
-        "distill.at.teacher_layers=[group2,group3]",
-    ])
+    cfg = compose_cfg(
+        TINY
+        + data
+        + [
+            "distill=at",
+            "teacher=wrn_16_2",
+            "teacher.depth=10",
+            f"teacher.checkpoint={teacher_dir}",
+            "distill.at.student_layers=[group2,group3.0.conv1]",
+            "distill.at.teacher_layers=[group2,group3]",
+        ]
+    )
     (tmp_path / "run").mkdir()
     train(cfg, tmp_path / "run")
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
@@ -144,24 +161,53 @@ BAD = [
     (["+trainer.max_epoch=3"], "unknown option 'trainer.max_epoch'"),
     (["distill=at"], "need a teacher: add teacher="),
     (["distill=kd", "teacher=wrn_16_2"], "teacher.checkpoint is not set"),
-    (["distill=at", "teacher=wrn_16_2", "teacher.checkpoint=/nope/run"],
-     "checkpoint '/nope/run' not found"),
-    (["distill=at", "teacher=wrn_16_2", "teacher.checkpoint={ckpt}"],
-     "teacher checkpoint '{ckpt}' does not fit the configured teacher model"),
+    (
+        ["distill=at", "teacher=wrn_16_2", "teacher.checkpoint=/nope/run"],
+        "checkpoint '/nope/run' not found",
+    ),
+    (
+        ["distill=at", "teacher=wrn_16_2", "teacher.checkpoint={ckpt}"],
+        "teacher checkpoint '{ckpt}' does not fit the configured teacher model",
+    ),
     (["distill=at", "distill.at.beta=-1"], "distill.at.beta=-1.0 must be >= 0"),
     (["distill=at", "distill.at.p=0"], "distill.at.p=0.0 must be > 0"),
     (["distill=at", "distill.at.mode=mean"], "distill.at.mode='mean' is unknown"),
     (["distill=kd", "distill.kd.alpha=1.5"], "distill.kd.alpha=1.5 must lie in [0, 1]"),
-    (["distill=at", "{teacher}", "distill.at.student_layers=[group1,group2]",
-      "distill.at.teacher_layers=[group3]"], "2 student layers ['group1', 'group2'] but 1 teacher"),
-    (["distill=at", "{teacher}", "distill.at.student_layers=[grup1]",
-      "distill.at.teacher_layers=[group1]"], "student has no layer named 'grup1' (did you mean"),
-    (["distill=at", "{teacher}", "distill.at.student_layers=[group1]",
-      "distill.at.teacher_layers=[group2]"], "student layer 'group1' is 28x28 but teacher layer"),
-    (["distill=at", "{teacher}", "distill.at.student_layers=most"],
-     "distill.at.student_layers='most' is not a layer preset of model 'wrn'"),
-    (["distill=at_kd", "{teacher}", "distill.at.schedule.kind=cosine"],
-     "distill.at.schedule.kind='cosine' is unknown"),
+    (
+        [
+            "distill=at",
+            "{teacher}",
+            "distill.at.student_layers=[group1,group2]",
+            "distill.at.teacher_layers=[group3]",
+        ],
+        "2 student layers ['group1', 'group2'] but 1 teacher",
+    ),
+    (
+        [
+            "distill=at",
+            "{teacher}",
+            "distill.at.student_layers=[grup1]",
+            "distill.at.teacher_layers=[group1]",
+        ],
+        "student has no layer named 'grup1' (did you mean",
+    ),
+    (
+        [
+            "distill=at",
+            "{teacher}",
+            "distill.at.student_layers=[group1]",
+            "distill.at.teacher_layers=[group2]",
+        ],
+        "student layer 'group1' is 28x28 but teacher layer",
+    ),
+    (
+        ["distill=at", "{teacher}", "distill.at.student_layers=most"],
+        "distill.at.student_layers='most' is not a layer preset of model 'wrn'",
+    ),
+    (
+        ["distill=at_kd", "{teacher}", "distill.at.schedule.kind=cosine"],
+        "distill.at.schedule.kind='cosine' is unknown",
+    ),
     (["data=cifar10", "data.root=/nope/cifar"], "CIFAR-10 not found under '/nope/cifar'"),
 ]
 

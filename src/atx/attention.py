@@ -48,7 +48,9 @@ def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tens
     so mixed-precision training does not lose the small differences the loss measures.
     """
     if features.dim() != 4:
-        raise ValueError(f"attention maps need (B, C, H, W) features, got shape {tuple(features.shape)}")
+        raise ValueError(
+            f"attention maps need (B, C, H, W) features, got shape {tuple(features.shape)}"
+        )
     if p <= 0:
         raise ValueError(f"attention map exponent p must be > 0, got {p}")
     with torch.autocast(device_type=features.device.type, enabled=False):

@@ -67,10 +67,11 @@ def instantiate_checked(node: DictConfig, where: str, **extra: Any) -> Any:
         cls = get_class(node._target_)
     except Exception:
         raise AtxError(f"{where}._target_: cannot import '{node._target_}'") from None
-    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-              if k != "_target_"}
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"
+    }
     check_keys(kwargs, accepted_kwargs(cls), where)
-    return cls(**kwargs, **extra)
+    return cls(**{**kwargs, **extra})
 
 
 def build_data(cfg: DictConfig) -> Any:
@@ -79,8 +80,9 @@ def build_data(cfg: DictConfig) -> Any:
 
 def build_network(node: DictConfig, where: str, num_classes: int, in_channels: int) -> nn.Module:
     """The student (``where="model"``) or the teacher's architecture, from the model registry."""
-    spec = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-            if k != "checkpoint"}
+    spec = {
+        k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "checkpoint"
+    }
     if "name" not in spec:
         raise AtxError(f"{where}.name is not set: name a model, e.g. {where}.name=wrn")
     name = spec.pop("name")
@@ -161,8 +163,9 @@ def plan_layers(cfg: DictConfig) -> LayerPlan:
     return LayerPlan(plans["at"], plans["fact"])
 
 
-def probe_shapes(model: nn.Module, layers: list[str], input_shape: tuple[int, ...],
-                 who: str) -> dict[str, torch.Size]:
+def probe_shapes(
+    model: nn.Module, layers: list[str], input_shape: tuple[int, ...], who: str
+) -> dict[str, torch.Size]:
     """Output shapes of the named layers for one dummy batch (checks the names exist)."""
     taps = LayerTaps(model, layers, who)
     was_training = model.training
@@ -201,7 +204,9 @@ def check_pair_shapes(
 
 def build_schedule(value: float, node: DictConfig, key: str, max_epochs: int) -> Schedule:
     if node.kind not in ("constant", "step", "linear"):
-        raise AtxError(f"{key}.schedule.kind='{node.kind}' is unknown; use constant, step or linear")
+        raise AtxError(
+            f"{key}.schedule.kind='{node.kind}' is unknown; use constant, step or linear"
+        )
     return Schedule(value, node.kind, list(node.milestones), node.gamma, node.final, max_epochs)
 
 
@@ -222,19 +227,31 @@ def check_distill(d: DictConfig) -> None:
         raise AtxError(f"distill.at.reduction='{d.at.reduction}' is unknown; use code or paper")
 
 
-def build_objective(d: DictConfig, plan: LayerPlan, fact_channels: list[tuple[int, int]],
-                    max_epochs: int) -> Objective:
+def build_objective(
+    d: DictConfig, plan: LayerPlan, fact_channels: list[tuple[int, int]], max_epochs: int
+) -> Objective:
     """CE, then KD / AT / F-ActT terms for each one switched on (non-zero weight)."""
     alpha = d.kd.alpha
     terms: list[Term] = [CrossEntropy(Schedule(1.0 - alpha))]
     if alpha > 0:
         terms.append(KnowledgeDistillation(Schedule(alpha), d.kd.temperature))
     if plan.at:
-        terms.append(AttentionTransfer(
-            build_schedule(d.at.beta, d.at.schedule, "distill.at", max_epochs), plan.at,
-            d.at.p, d.at.mode, d.at.reduction, d.at.interpolate))
+        terms.append(
+            AttentionTransfer(
+                build_schedule(d.at.beta, d.at.schedule, "distill.at", max_epochs),
+                plan.at,
+                d.at.p,
+                d.at.mode,
+                d.at.reduction,
+                d.at.interpolate,
+            )
+        )
     if plan.fact:
-        terms.append(FullActivationTransfer(
-            build_schedule(d.fact.beta, d.fact.schedule, "distill.fact", max_epochs), plan.fact,
-            fact_channels))
+        terms.append(
+            FullActivationTransfer(
+                build_schedule(d.fact.beta, d.fact.schedule, "distill.fact", max_epochs),
+                plan.fact,
+                fact_channels,
+            )
+        )
     return Objective(terms)

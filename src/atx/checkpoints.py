@@ -43,8 +43,11 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     except Exception as e:  # truncated or not a torch file at all
         raise AtxError(f"cannot read checkpoint '{p}': {type(e).__name__}: {e}") from None
     if isinstance(obj, dict) and "state_dict" in obj:  # Lightning checkpoint of a DistillModule
-        obj = {k[len("student."):]: v for k, v in obj["state_dict"].items()
-               if k.startswith("student.")}
+        obj = {
+            k[len("student.") :]: v
+            for k, v in obj["state_dict"].items()
+            if k.startswith("student.")
+        }
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise AtxError(f"checkpoint '{p}' holds no state dict of tensors")
     return obj
@@ -56,8 +59,11 @@ def load_weights(model: nn.Module, path: str | Path, who: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -68,6 +74,7 @@ def load_weights(model: nn.Module, path: str | Path, who: str) -> None:
             parts.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[0]}")
         raise AtxError(
             f"{who} checkpoint '{path}' does not fit the configured {who} model ("
-            + "; ".join(parts) + f"); check {who}'s architecture options"
+            + "; ".join(parts)
+            + f"); check {who}'s architecture options"
         )
     model.load_state_dict(state)

@@ -46,14 +46,20 @@ class DistillModule(L.LightningModule):
         self.objective = objective
         self.teacher = freeze(teacher) if teacher is not None else None
         self.optim = optim or OptimConf()
-        self.student_taps = LayerTaps(student, student_layers, "student") if student_layers else None
-        self.teacher_taps = (LayerTaps(teacher, teacher_layers, "teacher")
-                             if teacher is not None and teacher_layers else None)
+        self.student_taps = (
+            LayerTaps(student, student_layers, "student") if student_layers else None
+        )
+        self.teacher_taps = (
+            LayerTaps(teacher, teacher_layers, "teacher")
+            if teacher is not None and teacher_layers
+            else None
+        )
         self.num_classes = num_classes
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = (MulticlassAccuracy(num_classes, top_k=5, average="micro")
-                         if num_classes > 10 else None)
+        self.val_top5 = (
+            MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 10 else None
+        )
 
     # -- the frozen teacher -------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillModule:
@@ -63,8 +69,9 @@ class DistillModule(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -97,8 +104,12 @@ class DistillModule(L.LightningModule):
         logits = self.student(x)
         if self.student_taps:
             self.student_taps.outputs()  # drop tapped features, not needed here
-        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits.float(), y),
-                 on_epoch=True, sync_dist=True)
+        self.log(
+            f"{stage}/loss",
+            nn.functional.cross_entropy(logits.float(), y),
+            on_epoch=True,
+            sync_dist=True,
+        )
         self.val_top1.update(logits, y)
         if self.val_top5 is not None:
             self.val_top5.update(logits, y)
@@ -126,7 +137,11 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
         params = list(self.student.parameters()) + list(self.objective.parameters())
-        optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
-                                    weight_decay=o.weight_decay, nesterov=o.nesterov)
+        optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(o.milestones), o.gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }

@@ -85,23 +85,38 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         shape = (data.in_channels, data.image_size, data.image_size)
         s_shapes = build.probe_shapes(student, plan.student_layers, shape, "student")
         t_shapes = build.probe_shapes(teacher, plan.teacher_layers, shape, "teacher")
-        fact_channels = build.check_pair_shapes(plan, s_shapes, t_shapes,
-                                                cfg.distill.at.interpolate)
+        fact_channels = build.check_pair_shapes(
+            plan, s_shapes, t_shapes, cfg.distill.at.interpolate
+        )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    objective = build.build_objective(cfg.distill, plan, fact_channels,
-                                      trainer_kwargs.get("max_epochs") or 1)
-    module = DistillModule(student, objective, data.num_classes, OmegaConf.to_object(cfg.optim),
-                           teacher, plan.student_layers, plan.teacher_layers)
+    objective = build.build_objective(
+        cfg.distill, plan, fact_channels, trainer_kwargs.get("max_epochs") or 1
+    )
+    module = DistillModule(
+        student,
+        objective,
+        data.num_classes,
+        OmegaConf.to_object(cfg.optim),
+        teacher,
+        plan.student_layers,
+        plan.teacher_layers,
+    )
 
     loggers = build_loggers(cfg, run_dir, group)
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch}",
-                        monitor="val/error", mode="min", save_last=True,
-                        auto_insert_metric_name=False),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best-epoch{epoch}",
+            monitor="val/error",
+            mode="min",
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
         LearningRateMonitor(logging_interval="epoch"),
     ]
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=run_dir, logger=loggers,
-                        callbacks=callbacks)
+    trainer = L.Trainer(
+        **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
+    )
     for logger in loggers:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
     trainer.fit(module, datamodule=data)
@@ -110,17 +125,30 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     if trainer.is_global_zero:
         torch.save(student.state_dict(), run_dir / STUDENT_FILE)
         best = callbacks[0].best_model_score
-        summary = {"name": cfg.name, "epochs": trainer.current_epoch, **metrics,
-                   "best/val_error": float(best) if best is not None else None}
+        summary = {
+            "name": cfg.name,
+            "epochs": trainer.current_epoch,
+            **metrics,
+            "best/val_error": float(best) if best is not None else None,
+        }
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         pairs = (plan.at or plan.fact or _preset_pairs(cfg)) if teacher is not None else []
         if pairs and cfg.figure_images > 0:
             from atx.visualize import save_attention_figure  # matplotlib only when needed
 
-            save_attention_figure(run_dir / "attention.png", data, cfg.figure_images, {
-                "teacher": (teacher, [t for _, t in pairs]),
-                "student": (student, [s for s, _ in pairs]),
-            }, title=f"{cfg.name}: teacher vs student attention")
+            figure = save_attention_figure(
+                run_dir / "attention.png",
+                data,
+                cfg.figure_images,
+                {
+                    "teacher": (teacher, [t for _, t in pairs]),
+                    "student": (student, [s for s, _ in pairs]),
+                },
+                title=f"{cfg.name}: teacher vs student attention",
+            )
+            for logger in loggers:
+                if hasattr(logger, "log_image"):  # W&B
+                    logger.log_image(key="attention", images=[str(figure)])
     _finish_wandb(loggers)
     return metrics
 

@@ -18,8 +18,9 @@ from atx.attention import MapMode, attention_map  # noqa: E402
 from atx.features import LayerTaps  # noqa: E402
 
 
-def group_maps(model: nn.Module, layers: Sequence[str], x: Tensor, p: float = 2.0,
-               mode: MapMode = "sum") -> list[Tensor]:
+def group_maps(
+    model: nn.Module, layers: Sequence[str], x: Tensor, p: float = 2.0, mode: MapMode = "sum"
+) -> list[Tensor]:
     """Normalised attention maps (Eq. 2's Q/||Q||) of ``layers``, each (B, H, W), upsampled
     to the input size so maps of different resolutions can be compared."""
     taps = LayerTaps(model, layers)
@@ -36,8 +37,7 @@ def group_maps(model: nn.Module, layers: Sequence[str], x: Tensor, p: float = 2.
     for name in layers:
         f = feats[name]
         q = attention_map(f, p, mode).view(f.shape[0], 1, *f.shape[-2:])
-        maps.append(F.interpolate(q, size=x.shape[-2:], mode="bilinear",
-                                  align_corners=False)[:, 0])
+        maps.append(F.interpolate(q, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
     return maps
 
 

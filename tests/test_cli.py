@@ -1,0 +1,119 @@
+"""The real ``atx-train`` command in a subprocess: a multirun sweep, W&B offline, error lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from wandb_records import summarise
+
+from atx.models import build_model
+
+FAST = [
+    "model.depth=10",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.train_subset=64",
+    "data.val_subset=32",
+    "data.batch_size=16",
+    "figure_images=2",
+]
+
+
+def atx_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 300):
+    cmd = [sys.executable, "-m", "atx.train", *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=Path(__file__).parents[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(tmp_path_factory) -> Path:
+    """An untrained WRN-10-2 for the default data (Fashion-MNIST: 1 channel)."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(
+        build_model("wrn", num_classes=10, in_channels=1, depth=10, width=2).state_dict(), path
+    )
+    return path
+
+
+def test_multirun_sweep_beta_by_p_with_wandb_offline(tmp_path, teacher_pt):
+    sweep = tmp_path / "sweep"
+    result = atx_train(
+        [
+            "-m",
+            *FAST,
+            "distill=at",
+            "teacher=wrn_16_2",
+            "teacher.depth=10",
+            f"teacher.checkpoint={teacher_pt}",
+            "distill.at.beta=500,1000",
+            "distill.at.p=1,2",
+            "logger=wandb",
+            "name=sweep_test",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    seen, run_ids = set(), set()
+    for job in jobs:
+        assert (job / "student.pt").is_file() and (job / "metrics.json").is_file()
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        seen.add((cfg["distill"]["at"]["beta"], cfg["distill"]["at"]["p"]))
+        (run_file,) = list(job.glob("wandb/offline-run-*/run-*.wandb"))  # one W&B run per job
+        run = summarise(run_file)
+        run_ids.add(run["id"])
+        assert run["group"] == str(sweep)  # grouped by sweep
+        assert run["name"] == "sweep_test"
+        assert run["config"]["distill.at.beta"] == str(cfg["distill"]["at"]["beta"])
+        assert {"val/error", "train/at/group1_epoch", "weight/at"} <= run["history_keys"]
+        assert run["images"] >= 1  # the attention figure
+    assert seen == {(500.0, 1.0), (500.0, 2.0), (1000.0, 1.0), (1000.0, 2.0)}
+    assert len(run_ids) == 4
+
+
+def test_config_typo_is_one_message_without_traceback(tmp_path):
+    result = atx_train(["distill.at.bta=3", f"hydra.run.dir={tmp_path}/run"])
+    assert result.returncode != 0
+    assert "Key 'bta' not in 'ATConf'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_user_error_is_one_line_exit_2(tmp_path):
+    result = atx_train(["model.name=wrm", f"hydra.run.dir={tmp_path}/run"])
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("atx: error: model: unknown model 'wrm'")
+    assert "did you mean 'wrn'" in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_teacher_checkpoint_is_one_line(tmp_path):
+    result = atx_train(
+        [
+            "distill=at",
+            "teacher=wrn_16_2",
+            f"teacher.checkpoint={tmp_path}/nothing",
+            f"hydra.run.dir={tmp_path}/r",
+        ]
+    )
+    assert result.returncode == 2
+    assert f"atx: error: checkpoint '{tmp_path}/nothing' not found" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,121 @@
+"""DistillModule: the teacher stays frozen through a real fit; only the student learns."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from atx.checkpoints import load_weights
+from atx.errors import AtxError
+from atx.features import LayerTaps, check_layer_names
+from atx.losses import AttentionTransfer, CrossEntropy, KnowledgeDistillation, Objective, Schedule
+from atx.models import build_model
+from atx.module import DistillModule
+
+PAIRS = [("group1", "group1"), ("group2", "group2"), ("group3", "group3")]
+
+
+def tiny_module(train_teacher_bn: bool = True) -> DistillModule:
+    torch.manual_seed(0)
+    student = build_model("wrn", num_classes=10, depth=10, width=1)
+    teacher = build_model("wrn", num_classes=10, depth=10, width=2)
+    if train_teacher_bn:  # give the teacher non-trivial running statistics
+        teacher.train()
+        with torch.no_grad():
+            teacher(torch.randn(16, 3, 16, 16) * 3 + 1)
+    objective = Objective(
+        [
+            CrossEntropy(Schedule(0.1)),
+            KnowledgeDistillation(Schedule(0.9)),
+            AttentionTransfer(Schedule(1000.0), PAIRS),
+        ]
+    )
+    layers = [s for s, _ in PAIRS]
+    return DistillModule(
+        student, objective, 10, teacher=teacher, student_layers=layers, teacher_layers=layers
+    )
+
+
+def loader(n: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def test_teacher_frozen_through_fit(tmp_path):
+    module = tiny_module()
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader(), loader())
+    assert not module.teacher.training and all(not m.training for m in module.teacher.modules())
+    assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
+    for k, v in module.teacher.state_dict().items():  # weights and BN running stats
+        assert torch.equal(v, teacher_before[k]), k
+    changed = [
+        k for k, v in module.student.state_dict().items() if not torch.equal(v, student_before[k])
+    ]
+    assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in module.student.parameters()}
+    module.train()  # user code calling train() keeps the teacher in eval
+    assert module.student.training and not module.teacher.training
+
+
+def test_checkpoint_is_student_sized_and_reloads(tmp_path):
+    module = tiny_module()
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, loader())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    keys = torch.load(path, weights_only=True)["state_dict"].keys()
+    assert keys and all(k.startswith(("student.", "objective.")) for k in keys)
+    fresh = build_model("wrn", num_classes=10, depth=10, width=1)
+    load_weights(fresh, path, "student")  # the student part of a Lightning checkpoint
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, module.student.state_dict()[k])
+
+
+def test_a_training_step_trains_only_the_student():
+    module = tiny_module()
+    x, y = next(iter(loader()))
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached: logging is skipped
+        loss = module.training_step((x, y), 0)
+    assert loss.requires_grad and loss.ndim == 0
+    loss.backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert all(p.grad is not None for p in module.student.parameters() if p.requires_grad)
+    assert module.student_taps.outputs() == {} and module.teacher_taps.outputs() == {}
+
+
+def test_layer_taps_release_and_name_errors():
+    model = build_model("wrn", num_classes=10, depth=10, width=1)
+    taps = LayerTaps(model, ["group2", "group3.0.conv1"])
+    model(torch.randn(2, 3, 16, 16))
+    feats = taps.outputs()
+    assert feats["group2"].shape == (2, 32, 8, 8) and feats["group3.0.conv1"].shape[1] == 64
+    assert taps.outputs() == {}  # released after reading
+    taps.remove()
+    model(torch.randn(1, 3, 16, 16))
+    assert taps.outputs() == {}
+    with pytest.raises(AtxError, match=r"student has no layer named 'grop2' \(did you mean group2"):
+        check_layer_names(model, ["grop2"], "student")
