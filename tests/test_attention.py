@@ -79,7 +79,7 @@ def test_at_loss_zero_for_scaled_teacher_and_gradient_finite():
     t = 3.0 * s.detach()  # same map up to scale: normalisation removes it
     for reduction in ("code", "paper"):
         loss = at_loss(s, t, reduction=reduction)
-        assert float(loss) == pytest.approx(0.0, abs=1e-6)
+        assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(g).all()
 

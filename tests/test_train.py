@@ -226,3 +226,12 @@ def test_bad_config_gives_one_clear_line(tmp_path, random_teacher, overrides, me
     text = str(info.value)
     assert message.replace("{ckpt}", str(random_teacher)) in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes(preset):
+    cfg = compose_cfg([f"experiment={preset}"])
+    assert cfg.model.name in {"wrn", "nin", "resnet18", "resnet34"}
+    if preset.startswith("t1_") or preset.startswith("t2_"):
+        assert cfg.teacher is not None and cfg.data._target_.endswith("CIFAR10DataModule")
+        assert cfg.name.startswith(preset) and cfg.name.endswith("-at")
