@@ -32,6 +32,7 @@ import argparse
 import copy
 import datetime
 import logging
+import os
 import platform
 import statistics
 import time
@@ -212,15 +213,70 @@ class TeacherForward:
         return times
 
 
+# -- machine load ------------------------------------------------------------------------------
+class LoadProbe:
+    """CPU time other processes used while a block ran, in cores (0 = we had the machine).
+
+    Busy + steal time of the whole machine (``/proc/stat``) minus this process's CPU time,
+    over the wall time. ``None`` where ``/proc/stat`` is unreadable.
+    """
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: tuple[float, float, float] | None = None
+
+    def _machine_busy_s(self) -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+        return (sum(fields[:8]) - fields[3] - fields[4]) / self.tick
+
+    def start(self) -> None:
+        t = os.times()
+        busy = self._machine_busy_s()
+        self._start = None if busy is None else (time.perf_counter(), busy, t.user + t.system)
+
+    def stop(self) -> float | None:
+        busy = self._machine_busy_s()
+        if self._start is None or busy is None:
+            return None
+        t = os.times()
+        wall0, busy0, own0 = self._start
+        wall = time.perf_counter() - wall0
+        foreign = (busy - busy0) - (t.user + t.system - own0)
+        return max(foreign, 0.0) / wall if wall > 0 else None
+
+
 # -- the benchmark ----------------------------------------------------------------------------
 @dataclass
-class Result:
-    """Kept step times (seconds) per (config, path)."""
+class Block:
+    """One block of one runner: its kept step times (seconds) and the machine's other load."""
 
-    times: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    config: str
+    path: str
+    round: int
+    times: list[float]
+    load: float | None  # cores used by other processes meanwhile
+
+
+@dataclass
+class Result:
+    blocks: list[Block] = field(default_factory=list)
     batch_size: int = 128
     threads: int = 2
     wall_s: float = 0.0
+    stopped_early: bool = False
+
+    def times(self, quiet: float | None = None) -> dict[tuple[str, str], list[float]]:
+        """Kept step times per (config, path); ``quiet``: only blocks with load below it."""
+        out: dict[tuple[str, str], list[float]] = {}
+        for b in self.blocks:
+            if quiet is None or (b.load is not None and b.load < quiet):
+                out.setdefault((b.config, b.path), []).extend(b.times)
+        return out
 
 
 def make_runners(
@@ -235,7 +291,7 @@ def make_runners(
     runners: dict[tuple[str, str], Callable[[int], list[float]]] = {}
     for name in configs:
         if name == TEACHER:
-            runners[(name, "manual")] = TeacherForward(copy.deepcopy(teacher), batches)
+            runners[(name, "forward")] = TeacherForward(copy.deepcopy(teacher), batches)
             continue
         for path in paths:
             module = build_module(
@@ -250,45 +306,63 @@ def run_benchmark(
     configs: Sequence[str] = CONFIGS,
     paths: Sequence[str] = PATHS,
     steps: int = 40,
-    warmup: int = 3,
+    warmup: int = 2,
     block: int = 5,
     batch_size: int = 128,
     threads: int = 2,
+    budget_s: float = float("inf"),
     log: Callable[[str], None] | None = None,
 ) -> Result:
-    """Round-robin over all runners, ``block`` steps at a time, until each has ``steps`` kept
-    steps. Discarded: each runner's first ``warmup`` steps and the first step of every block
-    (a new Trainer's first step, or the first after another model ran)."""
+    """Round-robin over all runners, ``block`` steps each, until each kept ``steps`` steps or
+    the next round would end past ``budget_s``. Discarded: each runner's first ``warmup``
+    steps, and the first step of every block (a fresh Trainer's first step, or the first
+    after another model ran)."""
     if block < 2:
-        raise ValueError("--block must be >= 2 (the first step of each block is discarded)")
+        raise ValueError("block must be >= 2 (the first step of each block is discarded)")
     torch.set_num_threads(threads)
     runners = make_runners(configs, paths, batch_size)
-    kept: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+    result = Result(batch_size=batch_size, threads=threads)
+    kept = dict.fromkeys(runners, 0)
     seen = dict.fromkeys(runners, 0)
+    probe = LoadProbe()
     t_start = time.perf_counter()
+    last_round = 0.0
     rnd = 0
-    while any(len(v) < steps for v in kept.values()):
+    while any(n < steps for n in kept.values()):
+        elapsed = time.perf_counter() - t_start
+        if rnd > 0 and elapsed + last_round > budget_s and min(kept.values()) > 0:
+            result.stopped_early = True
+            break
         rnd += 1
         for key, runner in runners.items():
-            if len(kept[key]) >= steps:
+            if kept[key] >= steps:
                 continue
+            probe.start()
             times = runner(block)
-            for t in times[1:]:
-                if seen[key] >= warmup and len(kept[key]) < steps:
-                    kept[key].append(t)
+            load = probe.stop()
+            keep = []
+            for i, t in enumerate(times):
+                if i > 0 and seen[key] >= warmup and kept[key] + len(keep) < steps:
+                    keep.append(t)
                 seen[key] += 1
-            seen[key] += 1
+            kept[key] += len(keep)
+            if keep:
+                result.blocks.append(Block(key[0], key[1], rnd, keep, load))
+        last_round = time.perf_counter() - t_start - elapsed
         if log:
-            done = min(len(v) for v in kept.values())
+            loads = [b.load for b in result.blocks if b.round == rnd and b.load is not None]
+            load_s = f", other load {statistics.median(loads):.2f} cores" if loads else ""
             log(
-                f"round {rnd}: {done}/{steps} kept steps per config,"
-                f" {time.perf_counter() - t_start:.0f} s"
+                f"round {rnd}: {min(kept.values())}/{steps} kept steps per runner,"
+                f" {time.perf_counter() - t_start:.0f} s{load_s}"
             )
-    return Result(kept, batch_size, threads, time.perf_counter() - t_start)
+    result.wall_s = time.perf_counter() - t_start
+    return result
 
 
+# -- statistics and the report -------------------------------------------------------------
 def quantile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile (q in [0, 1])."""
+    """Linear-interpolated quantile, q in [0, 1]."""
     s = sorted(xs)
     pos = q * (len(s) - 1)
     lo = int(pos)
@@ -297,6 +371,7 @@ def quantile(xs: Sequence[float], q: float) -> float:
 
 
 def summarize(times: Sequence[float], batch_size: int) -> dict[str, float]:
+    """Median, p10, p90 (ms), images/s at the median, p90/p10 and the step count."""
     med = statistics.median(times)
     p10, p90 = quantile(times, 0.1), quantile(times, 0.9)
     return {
@@ -309,44 +384,99 @@ def summarize(times: Sequence[float], batch_size: int) -> dict[str, float]:
     }
 
 
+RATIOS = (
+    ("AT", (STUDENT, TEACHER)),
+    ("KD", (STUDENT, TEACHER)),
+    ("AT+KD", (STUDENT, TEACHER)),
+    ("F-ActT", (STUDENT, TEACHER)),
+    ("AT", ("KD",)),
+)
+
+
 def ratios(med: dict[str, float]) -> dict[str, float]:
-    """Distillation step / (student step + teacher forward), and AT / KD."""
-    out: dict[str, float] = {}
-    if STUDENT in med and TEACHER in med:
-        base = med[STUDENT] + med[TEACHER]
-        for name in ("KD", "AT", "AT+KD", "F-ActT"):
-            if name in med:
-                out[f"{name} / (student + teacher forward)"] = med[name] / base
-    if "AT" in med and "KD" in med:
-        out["AT / KD"] = med["AT"] / med["KD"]
+    """``AT / (student + teacher forward)`` etc., and ``AT / KD``, from per-config times."""
+    out = {}
+    for num, den in RATIOS:
+        if num in med and all(d in med for d in den):
+            out[f"{num} / ({' + '.join(den)})" if len(den) > 1 else f"{num} / {den[0]}"] = med[
+                num
+            ] / sum(med[d] for d in den)
     return out
 
 
-def report(result: Result) -> tuple[str, bool]:
-    """The markdown tables, and whether the run was noisy (p90/p10 > NOISY anywhere)."""
+def path_medians(times: dict[tuple[str, str], list[float]], path: str) -> dict[str, float]:
+    """Median step time per config of ``path``, plus the teacher forward."""
+    return {
+        c: statistics.median(t)
+        for (c, p), t in times.items()
+        if p == path or (c == TEACHER and p == "forward")
+    }
+
+
+def paired_ratios(result: Result, path: str) -> dict[str, list[float]]:
+    """Each ratio computed within every round (block medians), so slow drifts of the machine's
+    load cancel; returns the per-round values."""
+    out: dict[str, list[float]] = {}
+    for rnd in sorted({b.round for b in result.blocks}):
+        med = {
+            b.config: statistics.median(b.times)
+            for b in result.blocks
+            if b.round == rnd and (b.path == path or b.config == TEACHER)
+        }
+        for k, v in ratios(med).items():
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def report(result: Result, quiet_load: float = 0.2, min_quiet: int = 8) -> tuple[str, bool]:
+    """Markdown: per-config step times, then per path the ratios from medians of all steps,
+    from quiet blocks only (other load < ``quiet_load`` cores) and paired per round.
+    Second value: the run is noisy (p90/p10 > NOISY for any config)."""
+    all_times = result.times()
+    quiet_times = result.times(quiet_load)
     lines = [
-        "| config | path | median ms/step | p10-p90 ms | p90/p10 | images/s | steps |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| config | path | median ms/step | p10-p90 ms | p90/p10 | images/s | steps"
+        " | quiet median ms (steps) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     noisy = False
-    meds: dict[str, dict[str, float]] = {}
-    for (name, path), times in result.times.items():
+    for (name, path), times in all_times.items():
         s = summarize(times, result.batch_size)
         noisy |= s["spread"] > NOISY
-        label = "no_grad forward" if name == TEACHER else path
+        q = quiet_times.get((name, path), [])
+        q_s = f"{statistics.median(q) * 1e3:.1f} ({len(q)})" if q else "- (0)"
         lines.append(
-            f"| {name} | {label} | {s['median_ms']:.1f} | {s['p10_ms']:.1f}-"
-            f"{s['p90_ms']:.1f} | {s['spread']:.2f} | {s['img_s']:.0f} | {s['n']} |"
+            f"| {name} | {path} | {s['median_ms']:.1f} | {s['p10_ms']:.1f}-"
+            f"{s['p90_ms']:.1f} | {s['spread']:.2f} | {s['img_s']:.0f} | {s['n']}"
+            f" | {q_s} |"
         )
-        meds.setdefault(path, {})[name] = s["median_ms"]
     for path in PATHS:
-        if path not in meds:
+        r_all = ratios(path_medians(all_times, path))
+        if not r_all:
             continue
-        r = ratios({**meds.get("manual", {}), **meds[path]} if path == "trainer" else meds[path])
-        if not r:
-            continue
-        lines += ["", f"| ratio ({path} path) | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in r.items()]
+        enough = all(
+            len(quiet_times.get(k, [])) >= min_quiet for k in all_times if k[1] in (path, "forward")
+        )
+        r_quiet = ratios(path_medians(quiet_times, path)) if enough else {}
+        paired = paired_ratios(result, path)
+        lines += [
+            "",
+            f"| ratio, {path} path | medians, all steps | medians, quiet blocks"
+            " | paired per round: median (p10-p90, rounds) |",
+            "|---|---:|---:|---:|",
+        ]
+        for k, v in r_all.items():
+            q = f"{r_quiet[k]:.3f}" if k in r_quiet else "-"
+            pr = paired.get(k, [])
+            p_s = (
+                (
+                    f"{statistics.median(pr):.3f} ({quantile(pr, 0.1):.3f}-"
+                    f"{quantile(pr, 0.9):.3f}, {len(pr)})"
+                )
+                if pr
+                else "-"
+            )
+            lines.append(f"| {k} | {v:.3f} | {q} | {p_s} |")
     return "\n".join(lines), noisy
 
 
@@ -354,16 +484,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=40, help="kept steps per config and path")
-    p.add_argument("--warmup", type=int, default=3, help="first steps of each runner discarded")
+    p.add_argument("--steps", type=int, default=24, help="kept steps per config and path")
+    p.add_argument("--warmup", type=int, default=2, help="first steps of each runner discarded")
     p.add_argument(
         "--block",
         type=int,
-        default=5,
+        default=4,
         help="steps per round-robin block (its first step is discarded)",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=320.0,
+        help="seconds: start no round that would end later (then report what ran)",
+    )
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.2,
+        help="a block is quiet when other processes used fewer cores than this",
+    )
     p.add_argument(
         "--configs",
         nargs="+",
@@ -380,23 +522,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def quiet() -> None:
+def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*self.log.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet()
+    quiet_lightning()
     print(
-        f"# atx step benchmark {datetime.datetime.now():%Y-%m-%d %H:%M}: torch"
-        f" {torch.__version__}, lightning {L.__version__}, {platform.processor() or '?'},"
-        f" threads {args.threads}, batch {args.batch_size}, float32 CPU; {args.steps} kept steps"
-        f" per config (warm-up {args.warmup}, blocks of {args.block}), paths"
-        f" {'+'.join(args.paths)}",
+        f"# atx step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}: torch"
+        f" {torch.__version__}, lightning {L.__version__}, {os.cpu_count()} CPUs"
+        f" ({platform.machine()}), threads {args.threads}, batch {args.batch_size}, float32;"
+        f" {args.steps} kept steps per runner (warm-up {args.warmup}, blocks of {args.block}),"
+        f" paths {'+'.join(args.paths)}",
         flush=True,
     )
     result = run_benchmark(
@@ -407,18 +548,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.block,
         args.batch_size,
         args.threads,
+        args.budget,
         log=lambda s: print(s, flush=True),
     )
-    table, noisy = report(result)
+    table, noisy = report(result, args.quiet_load)
     print()
     print(table)
     print()
+    loads = [b.load for b in result.blocks if b.load is not None]
+    load = f"; other load median {statistics.median(loads):.2f} cores" if loads else ""
     print(
-        f"wall {result.wall_s:.0f} s;"
+        f"wall {result.wall_s:.0f} s{load}"
+        + ("; stopped early at --budget" if result.stopped_early else "")
         + (
-            f" NOISY: p90/p10 > {NOISY} for some config, rerun on a quieter machine"
+            f"; NOISY: p90/p10 > {NOISY} for some config, prefer the quiet / paired columns"
             if noisy
-            else f" spread ok (p90/p10 <= {NOISY} everywhere)"
+            else f"; spread ok (p90/p10 <= {NOISY} everywhere)"
         )
     )
     return 0

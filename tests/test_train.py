@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
-from layouts import write_cifar10, write_image_folder
+from layouts import write_cifar10, write_cifar100, write_image_folder
 from omegaconf import open_dict
 
 from atx.errors import AtxError
@@ -126,6 +126,14 @@ def test_layer_lists_from_the_shell(tmp_path, teacher_dir):
     train(cfg, tmp_path / "run")
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/at/group3.0.conv1_step" in header and "train/at/group1_step" not in header
+
+
+def test_cifar100_logs_top5_error(tmp_path):
+    write_cifar100(tmp_path / "data", n_train=40, n_test=20)
+    cfg = compose_cfg(TINY + ["data=cifar100", f"data.root={tmp_path / 'data'}"])
+    (tmp_path / "run").mkdir()
+    metrics = train(cfg, tmp_path / "run")
+    assert 0 <= metrics["val/error_top5"] <= metrics["val/error"] <= 100
 
 
 # -- bad input: one clear line each ----------------------------------------------------------
