@@ -72,7 +72,15 @@ def test_teacher_run_writes_its_outputs(teacher_dir: Path):
 
 @pytest.mark.parametrize(
     ("distill", "layout"),
-    [("at", "torchvision"), ("at_kd", "folder"), ("fact", "torchvision"), ("kd", "folder")],
+    [
+        ("at", "torchvision"),
+        ("at_kd", "folder"),
+        ("fact", "torchvision"),
+        ("kd", "folder"),
+        ("grad_at", "folder"),
+        ("symmetry", "torchvision"),
+        ("min_l2", "folder"),
+    ],
 )
 def test_student_from_teacher(tmp_path, teacher_dir, distill, layout):
     data = cifar_overrides(tmp_path / "data", layout)
@@ -97,10 +105,14 @@ def test_student_from_teacher(tmp_path, teacher_dir, distill, layout):
         "at_kd": ["train/at/group2_step", "train/kd_step", "weight/at"],
         "fact": ["train/fact/group1_step"],
         "kd": ["train/kd_step"],
+        "grad_at": ["train/grad_at_step"],
+        "symmetry": ["train/symmetry_step"],
+        "min_l2": ["train/min_l2_step"],
     }[distill]
     for column in expected + ["train/ce_step", "val/error"]:
         assert column in log, column
-    assert (run_dir / "attention.png").stat().st_size > 1000
+    if distill not in ("symmetry", "min_l2"):  # teacher-free terms: no teacher, no figure
+        assert (run_dir / "attention.png").stat().st_size > 1000
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert any(k.startswith("student.") for k in ckpt["state_dict"])
@@ -240,6 +252,9 @@ def test_bad_config_gives_one_clear_line(tmp_path, random_teacher, overrides, me
 def test_every_experiment_preset_composes(preset):
     cfg = compose_cfg([f"experiment={preset}"])
     assert cfg.model.name in {"wrn", "nin", "resnet18", "resnet34"}
-    if preset.startswith("t1_") or preset.startswith("t2_"):
+    if preset.startswith(("t1_", "t2_", "t3_")):
         assert cfg.teacher is not None and cfg.data._target_.endswith("CIFAR10DataModule")
+    if preset.startswith(("t1_", "t2_")):
         assert cfg.name.startswith(preset) and cfg.name.endswith("-at")
+    if preset.startswith("t3_"):  # the paper's grad-AT setting: no BN, flips only, no wd
+        assert not cfg.model.batch_norm and cfg.data.pad == 0 and cfg.optim.weight_decay == 0

@@ -24,9 +24,12 @@ from atx.losses import (
     AttentionTransfer,
     CrossEntropy,
     FullActivationTransfer,
+    GradientAT,
     KnowledgeDistillation,
+    MinL2,
     Objective,
     Schedule,
+    SymmetryNorm,
     Term,
 )
 from atx.models import build_model, layer_group_presets
@@ -216,7 +219,7 @@ def check_distill(d: DictConfig) -> None:
         raise AtxError(f"distill.kd.alpha={d.kd.alpha} must lie in [0, 1] (0 turns KD off)")
     if d.kd.temperature <= 0:
         raise AtxError(f"distill.kd.temperature={d.kd.temperature} must be > 0")
-    for term in ("at", "fact"):
+    for term in ("at", "fact", "grad_at", "symmetry", "min_l2"):
         if d[term].beta < 0:
             raise AtxError(f"distill.{term}.beta={d[term].beta} must be >= 0 (0 turns it off)")
     if d.at.p <= 0:
@@ -227,10 +230,16 @@ def check_distill(d: DictConfig) -> None:
         raise AtxError(f"distill.at.reduction='{d.at.reduction}' is unknown; use code or paper")
 
 
+def needs_teacher(d: DictConfig, plan: LayerPlan) -> bool:
+    """KD, AT, F-ActT and grad-AT learn from a teacher; symmetry and min-l2 do not."""
+    return d.kd.alpha > 0 or bool(plan.at or plan.fact) or d.grad_at.beta > 0
+
+
 def build_objective(
     d: DictConfig, plan: LayerPlan, fact_channels: list[tuple[int, int]], max_epochs: int
 ) -> Objective:
-    """CE, then KD / AT / F-ActT terms for each one switched on (non-zero weight)."""
+    """CE, then a term for each of KD, AT, grad-AT, symmetry, min-l2 and F-ActT switched on
+    (non-zero weight)."""
     alpha = d.kd.alpha
     terms: list[Term] = [CrossEntropy(Schedule(1.0 - alpha))]
     if alpha > 0:
@@ -246,6 +255,13 @@ def build_objective(
                 d.at.interpolate,
             )
         )
+    if d.grad_at.beta > 0:
+        schedule = build_schedule(d.grad_at.beta, d.grad_at.schedule, "distill.grad_at", max_epochs)
+        terms.append(GradientAT(schedule, d.grad_at.normalize, d.grad_at.reduce_channels))
+    for key, term in (("symmetry", SymmetryNorm), ("min_l2", MinL2)):
+        if d[key].beta > 0:
+            terms.append(term(build_schedule(d[key].beta, d[key].schedule, f"distill.{key}",
+                                             max_epochs)))  # fmt: skip
     if plan.fact:
         terms.append(
             FullActivationTransfer(

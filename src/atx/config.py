@@ -51,10 +51,31 @@ class FActTConf:
 
 
 @dataclass
+class GradATConf:
+    """Gradient-based AT (Eq. 4): beta/2 ||J_s - J_t||^2 on input gradients."""
+
+    beta: float = 0.0  # 0 = off
+    normalize: bool = False  # l2-normalise J per sample first
+    reduce_channels: bool = False  # sum of squares over input channels: a spatial map
+    schedule: ScheduleConf = field(default_factory=ScheduleConf)
+
+
+@dataclass
+class GradRegConf:
+    """A teacher-free input-gradient regulariser: symmetry norm (Eq. 6) or min-l2."""
+
+    beta: float = 0.0  # 0 = off
+    schedule: ScheduleConf = field(default_factory=ScheduleConf)
+
+
+@dataclass
 class DistillConf:
     kd: KDConf = field(default_factory=KDConf)
     at: ATConf = field(default_factory=ATConf)
     fact: FActTConf = field(default_factory=FActTConf)
+    grad_at: GradATConf = field(default_factory=GradATConf)
+    symmetry: GradRegConf = field(default_factory=GradRegConf)
+    min_l2: GradRegConf = field(default_factory=GradRegConf)
 
 
 @dataclass

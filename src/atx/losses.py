@@ -6,6 +6,8 @@
 * Activation-based attention transfer, Eq. 2 (``atx.attention``).
 * Full-activation transfer F-ActT, Section 4.1.2: l2 on l2-normalised full activations, with a
   learned 1x1 convolution where student and teacher channel counts differ.
+* Gradient-based attention, Section 3.2 (``atx.gradient_attention``): grad-AT (Eq. 4), the
+  symmetry norm (Eq. 6) and min-l2; these need input gradients, which the module computes.
 
 Each term returns its *unweighted* losses by name; the Objective multiplies them by their
 weight at the current epoch (a Schedule: beta may decay, as the paper does for AT+KD) and sums.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atx.attention import MapMode, Reduction, at_loss
+from atx.gradient_attention import grad_at_loss, min_l2_loss, symmetry_loss
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -88,6 +91,9 @@ class StepOutputs:
     teacher_logits: Tensor | None = None
     student_features: dict[str, Tensor] = field(default_factory=dict)  # by layer name
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    input_grad: Tensor | None = None  # J_s = dL/dx of the student, with graph (Eq. 3)
+    teacher_input_grad: Tensor | None = None  # J_t, no graph
+    flipped_input_grad: Tensor | None = None  # J_s at flip(x), with graph (Eq. 6)
 
 
 class Term(nn.Module):
@@ -95,6 +101,9 @@ class Term(nn.Module):
 
     name: str = "term"
     needs_teacher: bool = False
+    needs_input_grad: bool = False  # the student's input gradient J (double backprop)
+    needs_teacher_input_grad: bool = False
+    needs_flipped_input_grad: bool = False
 
     def __init__(self, weight: Schedule) -> None:
         super().__init__()
@@ -194,6 +203,45 @@ class FullActivationTransfer(LayerPairTerm):
         return fact_loss(self.adapters[index](student), teacher)
 
 
+class GradientAT(Term):
+    """Gradient-based AT (Eq. 4/5): ``beta/2 ||J_s - J_t||^2``, trained by double backprop."""
+
+    name = "grad_at"
+    needs_teacher = True
+    needs_input_grad = True
+    needs_teacher_input_grad = True
+
+    def __init__(self, weight: Schedule, normalize: bool = False,
+                 reduce_channels: bool = False) -> None:  # fmt: skip
+        super().__init__(weight)
+        self.normalize, self.reduce_channels = normalize, reduce_channels
+
+    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
+        return {self.name: grad_at_loss(out.input_grad, out.teacher_input_grad, self.normalize,
+                                        self.reduce_channels)}  # fmt: skip
+
+
+class SymmetryNorm(Term):
+    """Flip invariance of the gradient attention (Eq. 6), no teacher."""
+
+    name = "symmetry"
+    needs_input_grad = True
+    needs_flipped_input_grad = True
+
+    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
+        return {self.name: symmetry_loss(out.input_grad, out.flipped_input_grad)}
+
+
+class MinL2(Term):
+    """Double backpropagation (Drucker & LeCun): ``beta/2 ||J||^2``, no teacher."""
+
+    name = "min_l2"
+    needs_input_grad = True
+
+    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
+        return {self.name: min_l2_loss(out.input_grad)}
+
+
 class Objective(nn.Module):
     """The training loss: ``sum_t weight_t(epoch) * sum(term_t losses)``.
 
@@ -208,6 +256,18 @@ class Objective(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return any(t.needs_teacher for t in self.terms)
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return any(t.needs_input_grad for t in self.terms)
+
+    @property
+    def needs_teacher_input_grad(self) -> bool:
+        return any(t.needs_teacher_input_grad for t in self.terms)
+
+    @property
+    def needs_flipped_input_grad(self) -> bool:
+        return any(t.needs_flipped_input_grad for t in self.terms)
 
     def weights(self, epoch: int) -> dict[str, float]:
         return {t.name: t.weight(epoch) for t in self.terms}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -12,7 +13,31 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from atx.config import OptimConf
 from atx.features import LayerTaps
+from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
+
+
+@contextmanager
+def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """Batch norm keeps using batch statistics (train mode) but its running statistics are
+    left untouched: the extra flipped pass of the symmetry norm must not move them twice."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """A detached copy of ``x`` in at least float32 (input gradients are not taken in 16 bit)."""
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -79,21 +104,55 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        teacher_logits, teacher_feats = None, {}
+        out = self._student_outputs(x, y)
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)
-                teacher_feats = self.teacher_taps.outputs() if self.teacher_taps else {}
-        logits = self.student(x)
-        student_feats = self.student_taps.outputs() if self.student_taps else {}
-        out = StepOutputs(logits, y, teacher_logits, student_feats, teacher_feats)
+            self._add_teacher_outputs(out, x, y)
         loss, parts = self.objective(out, epoch=self.current_epoch)
+        logits = out.logits
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True)
         error = (logits.argmax(dim=1) != y).float().mean() * 100
         self.log("train/error", error, on_step=False, on_epoch=True)
         return loss
+
+    def _student_outputs(self, x: Tensor, y: Tensor) -> StepOutputs:
+        """Student logits and tapped features; its input gradients when a term needs them
+        (with graph: double backprop, Eq. 5), computed in float32 with autocast off."""
+        obj = self.objective
+        if not obj.needs_input_grad:
+            logits = self.student(x)
+            feats = self.student_taps.outputs() if self.student_taps else {}
+            return StepOutputs(logits, y, student_features=feats)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = full_precision(x).requires_grad_(True)
+            logits = self.student(x)
+            feats = self.student_taps.outputs() if self.student_taps else {}
+            grad = input_gradient(logits, y, x, create_graph=True)
+            flipped = None
+            if obj.needs_flipped_input_grad:
+                x_flip = x.detach().flip(-1).requires_grad_(True)
+                with bn_stats_frozen(self.student):  # running stats move once per step
+                    logits_flip = self.student(x_flip)
+                if self.student_taps:
+                    self.student_taps.outputs()
+                flipped = input_gradient(logits_flip, y, x_flip, create_graph=True)
+        return StepOutputs(logits, y, student_features=feats, input_grad=grad,
+                           flipped_input_grad=flipped)  # fmt: skip
+
+    def _add_teacher_outputs(self, out: StepOutputs, x: Tensor, y: Tensor) -> None:
+        """Teacher logits and features without grad; J_t (no graph) when grad-AT needs it."""
+        if self.objective.needs_teacher_input_grad:
+            with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                x_t = full_precision(x).requires_grad_(True)
+                logits = self.teacher(x_t)
+                out.teacher_input_grad = input_gradient(logits, y, x_t).detach()
+            out.teacher_logits = logits.detach()
+        else:
+            with torch.no_grad():
+                out.teacher_logits = self.teacher(x)
+        feats = self.teacher_taps.outputs() if self.teacher_taps else {}
+        out.teacher_features = {k: v.detach() for k, v in feats.items()}
 
     def on_train_epoch_start(self) -> None:
         weights = self.objective.weights(self.current_epoch)

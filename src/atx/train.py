@@ -78,7 +78,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     student = build.build_network(cfg.model, "model", data.num_classes, data.in_channels)
     plan = build.plan_layers(cfg)
     teacher = None
-    if cfg.distill.kd.alpha > 0 or plan.at or plan.fact:
+    if build.needs_teacher(cfg.distill, plan):
         teacher = build.build_teacher(cfg, data.num_classes, data.in_channels)
     fact_channels: list[tuple[int, int]] = []
     if plan.student_layers:

@@ -1,0 +1,34 @@
+"""grad-AT under DDP (2 CPU processes, gloo): double-backward gradients are all-reduced right."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_grad_at_script.py")
+
+
+def run(out: Path, devices: int) -> None:
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices)],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_grad_at_ddp_two_ranks_equal_each_other_and_one_process(tmp_path):
+    run(tmp_path / "ddp", 2)
+    run(tmp_path / "single", 1)
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
+    initial_changed = False
+    for k in single:
+        assert torch.equal(rank0[k], rank1[k]), k  # ranks in sync
+        torch.testing.assert_close(rank0[k], single[k], rtol=1e-10, atol=1e-12)  # beta, mean: same
+        initial_changed |= bool(single[k].abs().sum() > 0)
+    assert initial_changed
