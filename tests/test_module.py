@@ -119,3 +119,27 @@ def test_layer_taps_release_and_name_errors():
     assert taps.outputs() == {}
     with pytest.raises(AtxError, match=r"student has no layer named 'grop2' \(did you mean group2"):
         check_layer_names(model, ["grop2"], "student")
+
+
+def test_finetune_freezes_bn_and_named_layers(tmp_path):
+    """Section 4.2.1: BN layers fixed and the first group frozen, through a real fit."""
+    torch.manual_seed(0)
+    student = build_model("wrn", num_classes=10, depth=10, width=1)
+    objective = Objective([CrossEntropy(Schedule(1.0))])
+    module = DistillModule(student, objective, 10, frozen_layers=["conv0", "group1"],
+                           freeze_bn=True)  # fmt: skip
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, loader(), loader())
+    after = student.state_dict()
+    for k, v in after.items():
+        fixed = k.startswith(("conv0", "group1")) or ".bn" in k or k.startswith("bn.")
+        assert torch.equal(v, before[k]) == fixed, k
+    bns = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not m.training for m in bns) and student.group2.training
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in student.parameters() if p.requires_grad}
+    with pytest.raises(AtxError, match="student has no layer named 'layer1'"):
+        DistillModule(student, objective, 10, frozen_layers=["layer1"])

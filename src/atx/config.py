@@ -91,6 +91,16 @@ class OptimConf:
 
 
 @dataclass
+class FinetuneConf:
+    """Fine-tuning a pretrained student (paper Section 4.2.1): BN fixed, early layers frozen."""
+
+    freeze_bn: bool = False  # every BN layer of the student in eval mode, its affine params fixed
+    frozen_layers: list[str] = field(
+        default_factory=list
+    )  # module names, e.g. [conv1, bn1, layer1]
+
+
+@dataclass
 class TrainConf:
     name: str = "run"
     seed: int = 0
@@ -99,6 +109,7 @@ class TrainConf:
     teacher: Any = None
     distill: DistillConf = field(default_factory=DistillConf)
     optim: OptimConf = field(default_factory=OptimConf)
+    finetune: FinetuneConf = field(default_factory=FinetuneConf)
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
     figure_images: int = 8  # validation images in the attention-map figure written at the end

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from atx.config import OptimConf
-from atx.features import LayerTaps
+from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
 
@@ -48,11 +48,12 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class DistillModule(L.LightningModule):
-    """Student + frozen teacher + Objective (CE, KD, AT, F-ActT terms).
+    """Student + frozen teacher + Objective (CE, KD, AT, F-ActT, grad-AT, symmetry, min-l2).
 
     Only the student (and any learned loss adapters) is optimised and checkpointed; the
-    teacher stays in eval mode, runs under ``torch.no_grad()`` and is left out of checkpoints
-    (it is rebuilt from its own file).
+    teacher stays in eval mode, runs under ``torch.no_grad()`` (or, for grad-AT, with
+    gradients w.r.t. its input only) and is left out of checkpoints (it is rebuilt from its
+    own file).
     """
 
     def __init__(
@@ -64,10 +65,22 @@ class DistillModule(L.LightningModule):
         teacher: nn.Module | None = None,
         student_layers: Sequence[str] = (),
         teacher_layers: Sequence[str] = (),
+        frozen_layers: Sequence[str] = (),
+        freeze_bn: bool = False,
     ) -> None:
-        """``student_layers`` / ``teacher_layers``: every module name any term reads."""
+        """``student_layers`` / ``teacher_layers``: every module name any term reads.
+        ``frozen_layers`` (student module names) and ``freeze_bn``: fine-tuning (Section
+        4.2.1): those modules stay in eval mode and their parameters are not trained."""
         super().__init__()
         self.student = student
+        check_layer_names(student, frozen_layers, "student")
+        modules = dict(student.named_modules())
+        self.fixed_modules = [modules[n] for n in frozen_layers]
+        if freeze_bn:
+            self.fixed_modules += [m for m in student.modules()
+                                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+        for m in self.fixed_modules:
+            freeze(m)
         self.objective = objective
         self.teacher = freeze(teacher) if teacher is not None else None
         self.optim = optim or OptimConf()
@@ -91,6 +104,8 @@ class DistillModule(L.LightningModule):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+        for m in self.fixed_modules:
+            m.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -195,7 +210,8 @@ class DistillModule(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        params = list(self.student.parameters()) + list(self.objective.parameters())
+        params = [p for p in [*self.student.parameters(), *self.objective.parameters()]
+                  if p.requires_grad]  # fmt: skip
         optimizer = torch.optim.SGD(
             params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
         )

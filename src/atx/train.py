@@ -100,6 +100,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         teacher,
         plan.student_layers,
         plan.teacher_layers,
+        cfg.finetune.frozen_layers,
+        cfg.finetune.freeze_bn,
     )
 
     loggers = build_loggers(cfg, run_dir, group)
