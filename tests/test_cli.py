@@ -117,3 +117,11 @@ def test_missing_teacher_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 2
     assert f"atx: error: checkpoint '{tmp_path}/nothing' not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_multirun_with_in_process_ddp_stops_at_start_up(tmp_path):
+    result = atx_train(["-m", "trainer.strategy=ddp", "trainer.devices=2", "seed=0,1",
+                        f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "atx: error: -m with trainer.strategy=ddp" in result.stderr
+    assert "ddp_spawn" in result.stderr and "Traceback" not in result.stderr

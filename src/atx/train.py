@@ -174,11 +174,28 @@ def _finish_wandb(loggers: list[Any]) -> None:
             wandb.finish()
 
 
+def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
+    """Lightning's ``ddp`` re-runs the command line for every rank, so under ``-m`` with an
+    in-process launcher each rank would run its own copy of the sweep (stack notes E3-E5)."""
+    t = cfg.trainer
+    several = str(t.get("devices", 1)) not in ("1", "[0]") or t.get("num_nodes", 1) != 1
+    in_process = "submitit" not in launcher
+    if several and in_process and str(t.get("strategy", "auto")) in ("ddp", "auto"):
+        raise AtxError(
+            "-m with trainer.strategy=ddp (or auto) on several devices would re-run the whole"
+            " sweep in every rank: use trainer.strategy=ddp_spawn for local sweeps, or a Slurm"
+            " launcher (tasks per node = devices), or run each job without -m"
+        )
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
-    group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = hc.sweep.dir if multirun else None
     try:
+        if multirun:
+            check_sweep_strategy(cfg, hc.launcher.get("_target_", ""))
         metrics = train(cfg, Path(hc.runtime.output_dir), group)
     except AtxError as e:
         if cfg.get("debug", False):
