@@ -12,7 +12,7 @@ Times, in one process, one training step of ``atx.module.DistillModule`` for eac
   ``AT+KD``, ``F-ActT`` (1x1 conv adapters, the teacher is twice as wide): distill=kd, at,
   at_kd, fact.
 
-A step is teacher forward (no_grad) + student forward + objective + backward + SGD step (lr 0.1,
+A step is student forward + teacher forward (no_grad) + objective + backward + SGD step (lr 0.1,
 momentum 0.9, wd 5e-4). Two paths time it:
 
 * ``trainer``: a real ``lightning.Trainer`` fits the module on pre-generated batches; a Callback
@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -50,15 +51,18 @@ from torch.utils.data import DataLoader
 
 from atx import build
 from atx.config import OptimConf, register
+from atx.gradient_attention import input_gradient
 from atx.models import build_model
 from atx.module import DistillModule, freeze
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TEACHER = "teacher forward"
+TEACHER_GRAD = "teacher fwd+bwd"  # teacher forward + backward to its input (what grad-AT needs)
 STUDENT = "student"
 # benchmark name -> conf/distill preset
-DISTILL = {STUDENT: "none", "KD": "kd", "AT": "at", "AT+KD": "at_kd", "F-ActT": "fact"}
-CONFIGS = (TEACHER, *DISTILL)
+DISTILL = {STUDENT: "none", "KD": "kd", "AT": "at", "AT+KD": "at_kd", "F-ActT": "fact",
+           "grad-AT": "grad_at", "symmetry": "symmetry", "min-l2": "min_l2"}  # fmt: skip
+CONFIGS = (TEACHER, TEACHER_GRAD, *DISTILL)
 PATHS = ("trainer", "manual")
 NOISY = 1.3  # p90 / p10 above this flags the run as noisy
 
@@ -93,7 +97,7 @@ def build_module(
     (teacher weights are random: the checkpoint changes no timing)."""
     cfg = compose_distill(preset)
     plan = build.plan_layers(cfg)
-    uses_teacher = cfg.distill.kd.alpha > 0 or bool(plan.at or plan.fact)
+    uses_teacher = build.needs_teacher(cfg.distill, plan)
     fact_channels: list[tuple[int, int]] = []
     if plan.student_layers:
         s_shapes = build.probe_shapes(student, plan.student_layers, image_shape, "student")
@@ -172,7 +176,8 @@ class TrainerRunner:
 
 
 class ManualRunner:
-    """``training_step`` + backward + SGD step + ``zero_grad`` in a plain loop."""
+    """``training_step`` + backward + SGD step + ``zero_grad`` in a plain loop. Without a
+    Trainer, ``self.log`` returns at once (with a warning, silenced here)."""
 
     def __init__(self, module: DistillModule, batches: Sequence[Batch]) -> None:
         self.module, self.batches = module, list(batches)
@@ -181,6 +186,11 @@ class ManualRunner:
         self.i = 0
 
     def __call__(self, steps: int) -> list[float]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.log.*")
+            return self._run(steps)
+
+    def _run(self, steps: int) -> list[float]:
         times = []
         for _ in range(steps):
             batch = self.batches[self.i % len(self.batches)]
@@ -195,19 +205,25 @@ class ManualRunner:
 
 
 class TeacherForward:
-    """The teacher alone: eval mode, ``torch.no_grad()``."""
+    """The teacher alone: eval mode, ``torch.no_grad()``; with ``input_grad``, forward and
+    backward to the input instead (J_t of grad-AT, Eq. 3)."""
 
-    def __init__(self, teacher: nn.Module, batches: Sequence[Batch]) -> None:
+    def __init__(self, teacher: nn.Module, batches: Sequence[Batch], input_grad: bool = False):
         self.teacher, self.batches = freeze(teacher), list(batches)
+        self.input_grad = input_grad
         self.i = 0
 
     def __call__(self, steps: int) -> list[float]:
         times = []
         for _ in range(steps):
-            x = self.batches[self.i % len(self.batches)][0]
+            x, y = self.batches[self.i % len(self.batches)]
             t0 = time.perf_counter()
-            with torch.no_grad():
-                self.teacher(x)
+            if self.input_grad:
+                x = x.detach().requires_grad_(True)
+                input_gradient(self.teacher(x), y, x)
+            else:
+                with torch.no_grad():
+                    self.teacher(x)
             times.append(time.perf_counter() - t0)
             self.i += 1
         return times
@@ -290,8 +306,10 @@ def make_runners(
     batches = make_batches(n_batches, batch_size)
     runners: dict[tuple[str, str], Callable[[int], list[float]]] = {}
     for name in configs:
-        if name == TEACHER:
-            runners[(name, "forward")] = TeacherForward(copy.deepcopy(teacher), batches)
+        if name in (TEACHER, TEACHER_GRAD):
+            runners[(name, "forward")] = TeacherForward(
+                copy.deepcopy(teacher), batches, input_grad=name == TEACHER_GRAD
+            )
             continue
         for path in paths:
             module = build_module(
@@ -305,7 +323,7 @@ def make_runners(
 def run_benchmark(
     configs: Sequence[str] = CONFIGS,
     paths: Sequence[str] = PATHS,
-    steps: int = 45,
+    steps: int = 42,
     warmup: int = 3,
     block: int = 3,
     batch_size: int = 128,
@@ -390,6 +408,9 @@ RATIOS = (
     ("AT+KD", (STUDENT, TEACHER)),
     ("F-ActT", (STUDENT, TEACHER)),
     ("AT", ("KD",)),
+    ("grad-AT", (STUDENT, TEACHER_GRAD)),
+    ("symmetry", (STUDENT,)),
+    ("min-l2", (STUDENT,)),
 )
 
 
@@ -406,31 +427,38 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
 
 def path_medians(times: dict[tuple[str, str], list[float]], path: str) -> dict[str, float]:
     """Median step time per config of ``path``, plus the teacher forward."""
-    return {
-        c: statistics.median(t)
-        for (c, p), t in times.items()
-        if p == path or (c == TEACHER and p == "forward")
-    }
+    return {c: statistics.median(t) for (c, p), t in times.items() if p == path or p == "forward"}
 
 
-def paired_ratios(result: Result, path: str) -> dict[str, list[float]]:
+def paired_ratios(result: Result, path: str, quiet: float | None = None) -> dict[str, list[float]]:
     """Each ratio computed within every round (block medians), so slow drifts of the machine's
-    load cancel; returns the per-round values."""
+    load cancel; returns the per-round values. ``quiet``: skip rounds in which any block ran
+    while other processes used ``quiet`` cores or more."""
     out: dict[str, list[float]] = {}
     for rnd in sorted({b.round for b in result.blocks}):
-        med = {
-            b.config: statistics.median(b.times)
-            for b in result.blocks
-            if b.round == rnd and (b.path == path or b.config == TEACHER)
-        }
+        blocks = [
+            b for b in result.blocks if b.round == rnd and (b.path == path or b.path == "forward")
+        ]
+        if quiet is not None and any(b.load is not None and b.load >= quiet for b in blocks):
+            continue
+        med = {b.config: statistics.median(b.times) for b in blocks}
         for k, v in ratios(med).items():
             out.setdefault(k, []).append(v)
     return out
 
 
+def spread_text(xs: Sequence[float]) -> str:
+    """``median (p10-p90, n)`` of ``xs``, or ``-``."""
+    if not xs:
+        return "-"
+    return (
+        f"{statistics.median(xs):.3f} ({quantile(xs, 0.1):.3f}-{quantile(xs, 0.9):.3f}, {len(xs)})"
+    )
+
+
 def report(result: Result, quiet_load: float = 0.2, min_quiet: int = 8) -> tuple[str, bool]:
     """Markdown: per-config step times, then per path the ratios from medians of all steps,
-    from quiet blocks only (other load < ``quiet_load`` cores) and paired per round.
+    from quiet blocks only (other load < ``quiet_load`` cores) and paired per quiet round.
     Second value: the run is noisy (p90/p10 > NOISY for any config)."""
     all_times = result.times()
     quiet_times = result.times(quiet_load)
@@ -458,33 +486,24 @@ def report(result: Result, quiet_load: float = 0.2, min_quiet: int = 8) -> tuple
             len(quiet_times.get(k, [])) >= min_quiet for k in all_times if k[1] in (path, "forward")
         )
         r_quiet = ratios(path_medians(quiet_times, path)) if enough else {}
-        paired = paired_ratios(result, path)
+        paired = paired_ratios(result, path, quiet_load)
         lines += [
             "",
             f"| ratio, {path} path | medians, all steps | medians, quiet blocks"
-            " | paired per round: median (p10-p90, rounds) |",
+            " | paired per quiet round: median (p10-p90, rounds) |",
             "|---|---:|---:|---:|",
         ]
         for k, v in r_all.items():
             q = f"{r_quiet[k]:.3f}" if k in r_quiet else "-"
-            pr = paired.get(k, [])
-            p_s = (
-                (
-                    f"{statistics.median(pr):.3f} ({quantile(pr, 0.1):.3f}-"
-                    f"{quantile(pr, 0.9):.3f}, {len(pr)})"
-                )
-                if pr
-                else "-"
-            )
-            lines.append(f"| {k} | {v:.3f} | {q} | {p_s} |")
+            lines.append(f"| {k} | {v:.3f} | {q} | {spread_text(paired.get(k, []))} |")
     return "\n".join(lines), noisy
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=45, help="kept steps per config and path")
+    p.add_argument("--steps", type=int, default=42, help="kept steps per config and path")
     p.add_argument("--warmup", type=int, default=3, help="first steps of each runner discarded")
     p.add_argument("--block", type=int, default=3, help="steps per runner per round-robin turn")
     p.add_argument("--batch-size", type=int, default=128)
@@ -517,11 +536,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def source_revision() -> str:
+    """``git describe --always --dirty`` of the checkout, or ``?``."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(CONF_DIR.parent), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip() or "?"
+
+
 def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*self.log.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -532,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {torch.__version__}, lightning {L.__version__}, {os.cpu_count()} CPUs"
         f" ({platform.machine()}), threads {args.threads}, batch {args.batch_size}, float32;"
         f" {args.steps} kept steps per runner (warm-up {args.warmup}, blocks of {args.block}),"
-        f" paths {'+'.join(args.paths)}",
+        f" paths {'+'.join(args.paths)}; atx {source_revision()}",
         flush=True,
     )
     result = run_benchmark(

@@ -54,9 +54,13 @@ def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tens
     if p <= 0:
         raise ValueError(f"attention map exponent p must be > 0, got {p}")
     with torch.autocast(device_type=features.device.type, enabled=False):
-        a = features.float().abs()
-        if p != 1:
+        a = features.float()
+        if p == 2:  # the default F^2_sum: a*a is |a|^2 without the abs pass and its backward
+            a = a * a
+        elif p % 2 == 0:  # other even powers: no abs needed either
             a = a.pow(p)
+        else:
+            a = a.abs() if p == 1 else a.abs().pow(p)
         return a.sum(dim=1) if mode == "sum" else a.amax(dim=1)
 
 
