@@ -1,7 +1,7 @@
 """The default job (`make demo`): the paper's two-stage recipe, small enough for a laptop.
 
-1. train a teacher (WRN-16-2) on Fashion-MNIST (Debian's dataset-fashion-mnist, no download);
-2. train the same student (WRN-16-1, same seed) twice: without and with attention transfer
+1. train a teacher (WRN-10-2) on Fashion-MNIST (Debian's dataset-fashion-mnist, no download);
+2. train the same student (WRN-10-1, same seed) twice: without and with attention transfer
    (F^2_sum on the three group outputs, beta = 1e3) from that teacher;
 3. print teacher / student / student+AT test error and write a PNG of their attention maps.
 
@@ -37,7 +37,7 @@ def atx_train(run_dir: Path, overrides: list[str]) -> dict:
     return metrics
 
 
-def attention_figure(out: Path, errors: dict[str, float]) -> Path:
+def attention_figure(out: Path, errors: dict[str, float], depth: int) -> Path:
     """Teacher, student and student+AT attention maps of the same test images, one PNG."""
     from atx.data import FashionMNISTDataModule
     from atx.models import build_model
@@ -49,17 +49,19 @@ def attention_figure(out: Path, errors: dict[str, float]) -> Path:
     networks = {}
     for run, label, width in (("teacher", "teacher", 2), ("student", "student", 1),
                               ("student_at", "student+AT", 1)):  # fmt: skip
-        model = build_model("wrn", num_classes=10, in_channels=1, depth=16, width=width)
+        model = build_model("wrn", num_classes=10, in_channels=1, depth=depth, width=width)
         model.load_state_dict(torch.load(out / run / "student.pt", weights_only=True))
         networks[f"{label} ({errors[run]:.1f}%)"] = (model, groups)
-    title = "Fashion-MNIST: WRN-16-2 teacher, WRN-16-1 student without / with AT (test error)"
+    title = (f"Fashion-MNIST: WRN-{depth}-2 teacher, WRN-{depth}-1 student without / with AT"
+             " (test error)")  # fmt: skip
     return save_attention_figure(out / "attention.png", data, 6, networks, title=title)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=10, help="WRN depth of both networks")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-subset", type=int, default=6000)
+    parser.add_argument("--train-subset", type=int, default=10000)
     parser.add_argument("--val-subset", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/demo/<time>")
     args = parser.parse_args()
@@ -75,6 +77,7 @@ def main() -> None:
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "seed=0",
+        f"model.depth={args.depth}",
     ]
     began = time.perf_counter()
     teacher_dir = out / "teacher"
@@ -82,18 +85,20 @@ def main() -> None:
         "teacher": [*common, "model=wrn_16_2", "name=demo_teacher"],
         "student": [*common, "model=wrn_16_1", "name=demo_student"],
         "student_at": [*common, "model=wrn_16_1", "name=demo_student_at", "distill=at",
-                       "teacher=wrn_16_2", f"teacher.checkpoint={teacher_dir}"],
+                       "teacher=wrn_16_2", f"teacher.depth={args.depth}",
+                       f"teacher.checkpoint={teacher_dir}"],
     }  # fmt: skip
     metrics = {run: atx_train(out / run, overrides) for run, overrides in runs.items()}
     errors = {run: m["val/error"] for run, m in metrics.items()}
-    figure = attention_figure(out, errors)
+    figure = attention_figure(out, errors, args.depth)
 
     print(f"\nFashion-MNIST, {args.train_subset} training images, {e} epochs, "
           f"test error on {args.val_subset} test images:\n")  # fmt: skip
     print("| network | test error (%) | best epoch (%) |")
     print("|---|---|---|")
-    labels = {"teacher": "teacher WRN-16-2", "student": "student WRN-16-1",
-              "student_at": "student WRN-16-1 + AT"}  # fmt: skip
+    d = args.depth
+    labels = {"teacher": f"teacher WRN-{d}-2", "student": f"student WRN-{d}-1",
+              "student_at": f"student WRN-{d}-1 + AT"}  # fmt: skip
     for run, label in labels.items():
         print(
             f"| {label} | {metrics[run]['val/error']:.2f} | {metrics[run]['best/val_error']:.2f} |"

@@ -99,3 +99,99 @@ def write_fashion(root: Path, gz: bool = True, n_train: int = 12, n_test: int = 
     for stem, a in zip(stems, arrays, strict=True):
         write_idx(root / (stem + (".gz" if gz else "")), a)
     return arrays
+
+
+# --- large-image datasets in their official layouts (ImageNet, CUB-200-2011, MIT Indoor 67) ----
+# Every image of class k is filled with PALETTE[k] (plus a little noise), so a test can read the
+# class back from the pixels; CUB images are BACKGROUND outside their bounding box.
+PALETTE = [(220, 30, 30), (30, 200, 30), (230, 200, 20), (200, 30, 200), (30, 200, 200)]
+BACKGROUND = (0, 0, 255)
+
+
+def write_jpeg(
+    path: Path,
+    colour: tuple[int, int, int],
+    size: tuple[int, int] = (64, 48),
+    box: tuple[int, int, int, int] | None = None,
+    seed: int = 0,
+) -> None:
+    """A ``size`` (w, h) JPEG of ``colour``; with ``box`` (x, y, w, h) only inside the box."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    a = np.empty((h, w, 3), dtype=np.int16)
+    a[:] = colour if box is None else BACKGROUND
+    if box is not None:
+        x, y, bw, bh = box
+        a[y : y + bh, x : x + bw] = colour
+    a += rng.integers(-4, 5, a.shape, dtype=np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path, quality=95)
+
+
+def write_imagenet(
+    root: Path,
+    classes: tuple[str, ...] = ("n01440764", "n01443537", "n01484850"),
+    n_train: int = 3,
+    n_val: int = 2,
+) -> dict[str, list[Path]]:
+    """``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``; returns the files per split."""
+    files: dict[str, list[Path]] = {"train": [], "val": []}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k, wnid in enumerate(classes):
+            for i in range(n):
+                name = f"{wnid}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{k}{i:04d}.JPEG"
+                path = root / split / wnid / name
+                write_jpeg(path, PALETTE[k], seed=k * 100 + i)
+                files[split].append(path)
+    return files
+
+
+CUB_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+
+
+def write_cub(
+    root: Path, n_train: int = 2, n_test: int = 1, size: tuple[int, int] = (64, 48)
+) -> list[dict]:
+    """The extracted ``CUB_200_2011/`` folder at ``root``: ``images/<class>/*.jpg`` and the five
+    official list files (ids interleave train and test, boxes are floats). Each image is
+    BACKGROUND except for its box of the class colour. Returns one dict per image id."""
+    records = []
+    image_id = 0
+    for k, cls in enumerate(CUB_CLASSES):
+        for i in range(n_train + n_test):
+            image_id += 1
+            box = (10 + 2 * i, 8 + i, 30 + k, 24)
+            rel = f"{cls}/{cls.split('.', 1)[1]}_{i:04d}_{image_id}.jpg"
+            write_jpeg(root / "images" / rel, PALETTE[k], size, box, seed=image_id)
+            records.append(
+                {"id": image_id, "path": rel, "label": k, "train": i < n_train, "box": box}
+            )
+    lines = {
+        "images.txt": [f"{r['id']} {r['path']}" for r in records],
+        "image_class_labels.txt": [f"{r['id']} {r['label'] + 1}" for r in records],
+        "train_test_split.txt": [f"{r['id']} {int(r['train'])}" for r in records],
+        "bounding_boxes.txt": [
+            f"{r['id']} " + " ".join(f"{float(v):.1f}" for v in r["box"]) for r in records
+        ],
+        "classes.txt": [f"{k + 1} {cls}" for k, cls in enumerate(CUB_CLASSES)],
+    }
+    for name, rows in lines.items():
+        (root / name).write_text("\n".join(rows) + "\n")
+    return records
+
+
+SCENES_CLASSES = ("bedroom", "kitchen", "office")
+
+
+def write_scenes(root: Path, n_train: int = 2, n_test: int = 1) -> dict[str, list[str]]:
+    """MIT Indoor 67: ``root/Images/<class>/*.jpg`` + ``TrainImages.txt`` / ``TestImages.txt``
+    (lines ``<class>/<file>`` relative to Images/). Returns the listed lines per split."""
+    lists: dict[str, list[str]] = {"train": [], "test": []}
+    for k, cls in enumerate(SCENES_CLASSES):
+        for i in range(n_train + n_test):
+            rel = f"{cls}/int{k}{i:03d}.jpg"
+            write_jpeg(root / "Images" / rel, PALETTE[k], seed=k * 10 + i)
+            lists["train" if i < n_train else "test"].append(rel)
+    (root / "TrainImages.txt").write_text("\n".join(lists["train"]) + "\n")
+    (root / "TestImages.txt").write_text("\n".join(lists["test"]) + "\n")
+    return lists

@@ -1,0 +1,322 @@
+"""In-memory uint8 image datasets with batched augmentation after the device transfer.
+
+A dataset is decoded once into a uint8 tensor ``(N, C, H, W)``; the dataloaders only index it,
+and crop/flip/normalise run on whole batches in :meth:`on_after_batch_transfer` (on the GPU when
+training on one). Per-image PIL decoding would cap throughput at a few thousand images/s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
+from atx.errors import AtxError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class _Batch:
+    """A batch already gathered by :meth:`TensorPairDataset.__getitems__`."""
+
+    __slots__ = ("x", "y")
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+
+class TensorPairDataset(Dataset):
+    """``(x[i], y[i])`` pairs; a whole batch of indices is served by one indexing operation.
+
+    The DataLoader's fetcher calls ``__getitems__`` with the sampler's batch of indices, and
+    :func:`collate_pairs` unwraps the result, so no per-sample Python work or stacking happens
+    (5x faster than ``TensorDataset`` + default collation here: ~330k vs ~75k images/s).
+    """
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        assert len(x) == len(y)
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> list[_Batch]:
+        idx = torch.as_tensor(indices, dtype=torch.long)  # index_select: ~20x faster than x[idx]
+        return [_Batch(self.x.index_select(0, idx), self.y.index_select(0, idx))]
+
+
+def collate_pairs(items: list[Any]) -> Any:
+    """Collate for :class:`TensorPairDataset`: unwrap a pre-gathered batch, else default."""
+    if len(items) == 1 and isinstance(items[0], _Batch):
+        return items[0].x, items[0].y
+    return default_collate(items)
+
+
+class TensorImageDataModule(L.LightningDataModule):
+    """Base class: subclasses set the class attributes below and implement :meth:`_load`.
+
+    ``num_classes``, ``in_channels``, ``image_size`` are known right after ``__init__`` (models
+    are built from them before any data is read). ``classes`` starts as the canonical class
+    names and is replaced by the names found on disk once :meth:`setup` has run.
+    Batches are ``(x_uint8, y_int64)`` out of the dataloaders and ``(x_float32, y)`` after
+    :meth:`on_after_batch_transfer` (normalised; randomly cropped/flipped while training).
+    The validation and test dataloaders both serve the held-out test split, as in the paper.
+    """
+
+    name: ClassVar[str] = "dataset"
+    num_classes: int = 0
+    in_channels: int = 0
+    image_size: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    classes: list[str] = []
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pad: int = 4,
+        flip: bool = True,
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        seed: int = 0,
+        pin_memory: bool = False,
+        pad_mode: str = "reflect",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise AtxError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise AtxError(f"data.num_workers must be >= 0, got {num_workers}")
+        if not 0 <= pad < self.image_size:
+            raise AtxError(
+                f"data.pad={pad} is out of range for {self.image_size}x{self.image_size} "
+                f"{self.name} images; set data.pad between 0 and {self.image_size - 1}"
+            )
+        if pad_mode not in PAD_MODES:
+            raise AtxError(f"data.pad_mode={pad_mode!r} is unknown; use one of {PAD_MODES}")
+        for key, value in (("train_subset", train_subset), ("val_subset", val_subset)):
+            if value is not None and value < 1:
+                raise AtxError(f"data.{key} must be a positive count or null, got {value}")
+        self.root = str(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pad = pad
+        self.flip = flip
+        self.pad_mode = pad_mode
+        self.train_subset = train_subset
+        self.val_subset = val_subset
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.classes = list(type(self).classes)
+        self.x_train: Tensor | None = None
+        self.y_train: Tensor | None = None
+        self.x_val: Tensor | None = None
+        self.y_val: Tensor | None = None
+        self._stats_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    # --- to implement -------------------------------------------------------------------------
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Read the dataset: ``x_train, y_train, x_val, y_val`` as uint8 (N,C,H,W) / int64 (N,).
+
+        May set ``self.classes`` to the class names found on disk.
+        """
+        raise NotImplementedError
+
+    # --- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data once (later calls do nothing) and take the seeded subsets if asked."""
+        if self.x_train is not None:
+            return
+        x_train, y_train, x_val, y_val = self._load()
+        self._check(x_train, y_train, "train")
+        self._check(x_val, y_val, "test")
+        x_train, y_train = self._subset(x_train, y_train, self.train_subset, "train_subset", 0)
+        x_val, y_val = self._subset(x_val, y_val, self.val_subset, "val_subset", 1)
+        self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.x_train is not None and self.y_train is not None, "call setup() first"
+        return self._loader(TensorPairDataset(self.x_train, self.y_train), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.x_val is not None and self.y_val is not None, "call setup() first"
+        return self._loader(TensorPairDataset(self.x_val, self.y_val), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """uint8 batch -> normalised float32; random crop + flip first while training."""
+        x, y = batch
+        if self.trainer is not None and self.trainer.training and (self.pad > 0 or self.flip):
+            x = random_crop_flip(x, self.pad, self.flip, mode=self.pad_mode)
+        if x.dtype == torch.uint8:
+            x = self.normalize(x)
+        return x, y
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """mean/std as float32 tensors on ``device``, cached (no copy per batch on the GPU)."""
+        if device not in self._stats_cache:
+            self._stats_cache[device] = (
+                torch.tensor(self.mean, dtype=torch.float32, device=device),
+                torch.tensor(self.std, dtype=torch.float32, device=device),
+            )
+        return self._stats_cache[device]
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 images -> float32 normalised with this dataset's mean/std."""
+        return normalize(x, *self._stats(x.device))
+
+    def denormalize(self, x: Tensor, as_uint8: bool = True) -> Tensor:
+        """Normalised float images -> uint8 (or float in [0, 1]) for display."""
+        return denormalize(x, self.mean, self.std, as_uint8=as_uint8)
+
+    def val_images(self, n: int) -> tuple[Tensor, Tensor]:
+        """The first ``n`` validation images (uint8) and labels: a fixed set for figures."""
+        self.setup()
+        assert self.x_val is not None and self.y_val is not None
+        return self.x_val[:n].clone(), self.y_val[:n].clone()
+
+    def _loader(self, dataset: TensorPairDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=collate_pairs,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _check(self, x: Tensor, y: Tensor, split: str) -> None:
+        shape = (self.in_channels, self.image_size, self.image_size)
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            raise AtxError(
+                f"{self.name} {split} images under '{self.root}' are {x.dtype} "
+                f"{tuple(x.shape)}, expected uint8 (N, {', '.join(map(str, shape))}); "
+                f"check data.root"
+            )
+        if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
+            raise AtxError(
+                f"{self.name} {split} labels under '{self.root}' are {y.dtype} "
+                f"{tuple(y.shape)}, expected int64 ({x.shape[0]},); check data.root"
+            )
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise AtxError(
+                f"{self.name} {split} labels under '{self.root}' span "
+                f"{int(y.min())}..{int(y.max())}, expected 0..{self.num_classes - 1}; "
+                f"check that data.root holds {self.name}"
+            )
+
+    def _subset(
+        self, x: Tensor, y: Tensor, n: int | None, key: str, salt: int
+    ) -> tuple[Tensor, Tensor]:
+        if n is None:
+            return x, y
+        if n > len(x):
+            raise AtxError(
+                f"data.{key}={n} exceeds the {len(x)} images available in {self.name} under "
+                f"'{self.root}'; set data.{key}<={len(x)} or null"
+            )
+        gen = torch.Generator().manual_seed(self.seed * 2 + salt)
+        idx = torch.randperm(len(x), generator=gen)[:n]
+        return x[idx].contiguous(), y[idx].contiguous()
+
+
+def _decode(path: Path, size: int, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.size != (size, size) or im.mode != mode:
+                raise AtxError(
+                    f"image '{path}' is {im.size[0]}x{im.size[1]} {im.mode}, expected "
+                    f"{size}x{size} {mode}; convert or remove it"
+                )
+            return np.asarray(im, dtype=np.uint8)
+    except AtxError:
+        raise
+    except OSError as err:
+        raise AtxError(f"cannot decode image '{path}' ({err}); replace or remove it") from err
+
+
+def load_image_folder(
+    root: str | os.PathLike[str],
+    splits: Sequence[str] = ("train", "test"),
+    size: int = 32,
+    channels: int = 3,
+    num_classes: int | None = None,
+    name: str = "dataset",
+) -> tuple[list[str], list[tuple[Tensor, Tensor]]]:
+    """Decode ``root/<split>/<class>/*.png|jpg|jpeg`` once into uint8 tensors.
+
+    Class order is the sorted folder names, which must be identical in every split.
+    Returns ``(classes, [(x_uint8 (N,C,H,W), y_int64 (N,)) per split])``.
+    """
+    root = Path(root)
+    mode = {1: "L", 3: "RGB"}[channels]
+    listings: list[list[tuple[Path, int]]] = []
+    classes: list[str] = []
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise AtxError(
+                f"{name} image folder '{split_dir}' not found: expected '{split_dir}/<class>/' "
+                f"folders next to '{root / splits[0]}'; add it or fix data.root"
+            )
+        found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if split == splits[0]:
+            classes = found
+            if not classes:
+                raise AtxError(f"no class folders in '{split_dir}'; add '{split_dir}/<class>/'")
+            if num_classes is not None and len(classes) != num_classes:
+                raise AtxError(
+                    f"'{split_dir}' has {len(classes)} class folders, {name} needs "
+                    f"{num_classes}; point data.root at a {name} copy"
+                )
+        elif found != classes:
+            only_first = sorted(set(classes) - set(found))
+            only_here = sorted(set(found) - set(classes))
+            raise AtxError(
+                f"class folders differ between '{root / splits[0]}' and '{split_dir}': only in "
+                f"{splits[0]}: {only_first}, only in {split}: {only_here}; make them match"
+            )
+        files: list[tuple[Path, int]] = []
+        for label, cls in enumerate(classes):
+            cls_files = sorted(
+                p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not cls_files:
+                raise AtxError(
+                    f"class folder '{split_dir / cls}' has no .png/.jpg/.jpeg images; "
+                    f"add images or remove the folder (in every split)"
+                )
+            files += [(p, label) for p in cls_files]
+        listings.append(files)
+
+    out: list[tuple[Tensor, Tensor]] = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for files in listings:
+            arrays = list(pool.map(lambda f: _decode(f[0], size, mode), files))
+            x = torch.from_numpy(np.stack(arrays))
+            x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+            y = torch.tensor([label for _, label in files], dtype=torch.int64)
+            out.append((x.contiguous(), y))
+    return classes, out
