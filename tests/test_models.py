@@ -1,6 +1,7 @@
 """Model zoo: parameter counts, shapes, named layer groups, weight loading, registry errors."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,24 @@ def test_weights_path_errors(tmp_path) -> None:
     torch.save(build_model("resnet18", 10).state_dict(), r18)
     with pytest.raises(AtxError, match=re.escape(f"weights file '{r18}' does not match the model")):
         build_model("resnet34", 10, weights_path=str(r18))
+
+
+def test_torchvision_pretrained_weights_through_the_hub_cache(tmp_path, monkeypatch):
+    """`model.weights=IMAGENET1K_V1` goes through torchvision's real download path; a file
+    already in the hub cache is used as it is (no network here)."""
+    import torch.hub
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    reference = build_model("resnet18", num_classes=1000)
+    cached = tmp_path / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    model = build_model("resnet18", num_classes=7, weights="IMAGENET1K_V1")
+    assert torch.equal(model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert model.fc.out_features == 7
+    with pytest.raises(AtxError, match="has no pretrained weights 'IMAGENET9'"):
+        build_model("resnet18", num_classes=7, weights="IMAGENET9")
+    cached.unlink()  # not cached and no network: one clear line
+    with pytest.raises(AtxError, match="could not get torchvision weights resnet18/IMAGENET1K_V1"):
+        build_model("resnet18", num_classes=7, weights="IMAGENET1K_V1")

@@ -102,14 +102,41 @@ def load_weights(model: nn.Module, weights_path: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def pretrained_weights_file(arch: str, weights: str) -> str:
+    """torchvision's pretrained weights ``weights`` (e.g. 'IMAGENET1K_V1' or 'DEFAULT') for
+    ``arch``, as a local file: taken from torch hub's cache ($TORCH_HOME/hub/checkpoints)
+    when there, else downloaded into it by torchvision (needs internet)."""
+    try:
+        enum = tvm.get_model_weights(arch)[weights]
+    except (KeyError, ValueError):
+        raise AtxError(f"torchvision model '{arch}' has no pretrained weights '{weights}'") from None
+    from torch.hub import get_dir, load_state_dict_from_url
+
+    try:
+        load_state_dict_from_url(enum.url, map_location="cpu", progress=False, weights_only=True)
+    except Exception as e:
+        raise AtxError(
+            f"could not get torchvision weights {arch}/{weights} from {enum.url} "
+            f"({type(e).__name__}); offline, download the file elsewhere and pass "
+            "model.weights_path=<file>"
+        ) from None
+    return str(Path(get_dir()) / "checkpoints" / Path(enum.url).name)
+
+
 def torchvision(
-    arch: str, num_classes: int = 1000, in_channels: int = 3, weights_path: str | None = None
+    arch: str,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    weights_path: str | None = None,
+    weights: str | None = None,
 ) -> nn.Module:
     """Any torchvision classification model by builder name, e.g. 'resnet50', 'vgg11_bn'.
 
     Built with `torchvision.models.get_model(arch, weights=None, num_classes=...)`; the first
     3-channel conv is replaced when `in_channels != 3`; `weights_path` loads a local state dict
-    (see `load_weights`: with another num_classes, everything except the classifier is loaded).
+    (see `load_weights`: with another num_classes, everything except the classifier is loaded);
+    `weights` names torchvision's pretrained weights instead (downloaded when online, see
+    `pretrained_weights_file`).
     """
     archs = classification_archs()
     if arch not in archs:
@@ -119,20 +146,30 @@ def torchvision(
     model = tvm.get_model(arch, weights=None, num_classes=num_classes)
     if in_channels != 3:
         _set_in_channels(model, in_channels)
+    if weights_path is not None and weights is not None:
+        raise AtxError("give model.weights_path (a local file) or model.weights, not both")
+    if weights is not None:
+        weights_path = pretrained_weights_file(arch, weights)
     if weights_path is not None:
         load_weights(model, weights_path)
     return model
 
 
 def resnet18(
-    num_classes: int = 1000, in_channels: int = 3, weights_path: str | None = None
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    weights_path: str | None = None,
+    weights: str | None = None,
 ) -> nn.Module:
     """torchvision ResNet-18 (student of paper §4.2); groups `layer1`..`layer4`."""
-    return torchvision("resnet18", num_classes, in_channels, weights_path)
+    return torchvision("resnet18", num_classes, in_channels, weights_path, weights)
 
 
 def resnet34(
-    num_classes: int = 1000, in_channels: int = 3, weights_path: str | None = None
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    weights_path: str | None = None,
+    weights: str | None = None,
 ) -> nn.Module:
     """torchvision ResNet-34 (teacher of paper §4.2); groups `layer1`..`layer4`."""
-    return torchvision("resnet34", num_classes, in_channels, weights_path)
+    return torchvision("resnet34", num_classes, in_channels, weights_path, weights)
