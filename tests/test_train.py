@@ -258,3 +258,19 @@ def test_every_experiment_preset_composes(preset):
         assert cfg.name.startswith(preset) and cfg.name.endswith("-at")
     if preset.startswith("t3_"):  # the paper's grad-AT setting: no BN, flips only, no wd
         assert not cfg.model.batch_norm and cfg.data.pad == 0 and cfg.optim.weight_decay == 0
+
+
+def test_every_term_at_once(tmp_path, teacher_dir):
+    """Any combination is a config choice: CE + KD + AT + F-ActT + grad-AT + symmetry + min-l2."""
+    data = cifar_overrides(tmp_path / "data", "folder")
+    cfg = compose_cfg(TINY + data + [
+        "distill=at_kd", "teacher=wrn_16_2", "teacher.depth=10",
+        f"teacher.checkpoint={teacher_dir}", "distill.fact.beta=10", "distill.grad_at.beta=10", "distill.symmetry.beta=10",
+        "distill.min_l2.beta=1", "distill.fact.student_layers=last",
+    ])  # fmt: skip
+    (tmp_path / "run").mkdir()
+    train(cfg, tmp_path / "run")
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for term in ("ce", "kd", "at/group1", "fact/group3", "grad_at", "symmetry", "min_l2"):
+        assert f"train/{term}_step" in header, term
+    assert "train/fact/group1_step" not in header
