@@ -265,8 +265,8 @@ def test_every_term_at_once(tmp_path, teacher_dir):
     data = cifar_overrides(tmp_path / "data", "folder")
     cfg = compose_cfg(TINY + data + [
         "distill=at_kd", "teacher=wrn_16_2", "teacher.depth=10",
-        f"teacher.checkpoint={teacher_dir}", "distill.fact.beta=10", "distill.grad_at.beta=10", "distill.symmetry.beta=10",
-        "distill.min_l2.beta=1", "distill.fact.student_layers=last",
+        f"teacher.checkpoint={teacher_dir}", "distill.fact.beta=10", "distill.grad_at.beta=10",
+        "distill.symmetry.beta=10", "distill.min_l2.beta=1", "distill.fact.student_layers=last",
     ])  # fmt: skip
     (tmp_path / "run").mkdir()
     train(cfg, tmp_path / "run")

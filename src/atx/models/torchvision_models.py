@@ -109,7 +109,8 @@ def pretrained_weights_file(arch: str, weights: str) -> str:
     try:
         enum = tvm.get_model_weights(arch)[weights]
     except (KeyError, ValueError):
-        raise AtxError(f"torchvision model '{arch}' has no pretrained weights '{weights}'") from None
+        msg = f"torchvision model '{arch}' has no pretrained weights '{weights}'"
+        raise AtxError(msg) from None
     from torch.hub import get_dir, load_state_dict_from_url
 
     try:
