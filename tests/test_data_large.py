@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from configs import compose_cfg
 from layouts import (
     BACKGROUND,
     CUB_CLASSES,
@@ -22,14 +21,13 @@ from layouts import (
     write_jpeg,
     write_scenes,
 )
-from omegaconf import open_dict
 from PIL import Image
 
 from atx.data import CUBDataModule, ImageNetDataModule, ScenesDataModule
 from atx.data.folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, read_image
 from atx.errors import AtxError
 from atx.models import build_model
-from atx.train import CONF_DIR, train
+from atx.train import train
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 SMALL = {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 4}
@@ -369,14 +367,6 @@ def test_bad_options() -> None:
 
 
 # --- a real Trainer through the CLI config path ------------------------------------------------
-def compose_cfg(overrides: list[str]):
-    """The config as ``atx-train <overrides>`` composes it (same as tests/test_train.py)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from configs import compose_cfg
 from hydra.errors import ConfigCompositionException
 from layouts import write_cifar10, write_cifar100, write_image_folder
-from omegaconf import open_dict
 
 from atx.errors import AtxError
 from atx.models import build_model
@@ -28,16 +26,6 @@ TINY = [
     "logger=csv",
     "figure_images=2",
 ]
-
-
-def compose_cfg(overrides: list[str]):
-    """The config exactly as ``atx-train <overrides>`` composes it (HydraConfig set too)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def cifar_overrides(root: Path, layout: str) -> list[str]:

@@ -108,24 +108,10 @@ class _CIFARDataModule(TensorImageDataModule):
     mean = CIFAR_MEAN
     std = CIFAR_STD
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pad: int = 4,
-        flip: bool = True,
-        train_subset: int | None = None,
-        val_subset: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = False,
-        pad_mode: str = "reflect",
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            root, batch_size, num_workers, pad, flip, train_subset, val_subset, seed, pin_memory,
-            pad_mode,
-        )  # fmt: skip
+    def __init__(self, root: str, download: bool = False, **kwargs: Any) -> None:
+        """``download``: fetch torchvision's copy into ``root`` when it is missing (needs
+        internet); other arguments: see the base class."""
+        super().__init__(root, **kwargs)
         self.download = download
 
     def _torchvision_dataset(self, train: bool) -> Any:

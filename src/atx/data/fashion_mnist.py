@@ -10,6 +10,7 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,23 +75,9 @@ class FashionMNISTDataModule(TensorImageDataModule):
     std = (0.3530,)
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(
-        self,
-        root: str = DEBIAN_ROOT,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pad: int = 2,
-        flip: bool = True,
-        train_subset: int | None = None,
-        val_subset: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = False,
-        pad_mode: str = "reflect",
-    ) -> None:
-        super().__init__(
-            root, batch_size, num_workers, pad, flip, train_subset, val_subset, seed, pin_memory,
-            pad_mode,
-        )  # fmt: skip
+    def __init__(self, root: str = DEBIAN_ROOT, pad: int = 2, **kwargs: Any) -> None:
+        """Defaults: Debian's install path, pad 2 for 28x28 images; see the base class."""
+        super().__init__(root, pad=pad, **kwargs)
 
     def _find(self, stem: str) -> Path:
         root = Path(self.root)
