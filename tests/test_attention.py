@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from atx.attention import at_loss, attention_map, spatial_map
+from atx.attention import at_loss, attention_agreement, attention_map, spatial_map
 
 # One sample, C=2 channels, a 1x2 map: A_1 = [1, -2], A_2 = [3, 0].
 A = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])
@@ -91,3 +91,16 @@ def test_at_loss_spatial_mismatch_and_interpolation():
     # constant maps stay constant when resized: zero distance
     assert float(at_loss(s, t, interpolate=True)) == pytest.approx(0.0, abs=1e-7)
     assert float(at_loss(torch.randn(2, 3, 4, 4), t, interpolate=True)) > 0
+
+
+def test_attention_agreement_hand_values():
+    s = _features_with_map([1.0, 0.0])  # q = [1, 0]
+    t = _features_with_map([1.0, 1.0])  # q = [1, 1] / sqrt(2)
+    cosine, distance = attention_agreement(s, t)
+    torch.testing.assert_close(cosine, torch.tensor([1 / math.sqrt(2)]))
+    # mean over the 2 positions of (1 - 1/sqrt2)^2 and (0 - 1/sqrt2)^2
+    expected = ((1 - 1 / math.sqrt(2)) ** 2 + 0.5) / 2
+    torch.testing.assert_close(distance, torch.tensor([expected]))
+    same_c, same_d = attention_agreement(s, 2 * s)
+    torch.testing.assert_close(same_c, torch.ones(1))
+    torch.testing.assert_close(same_d, torch.zeros(1))

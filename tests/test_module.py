@@ -143,3 +143,41 @@ def test_finetune_freezes_bn_and_named_layers(tmp_path):
     assert optimised == {id(p) for p in student.parameters() if p.requires_grad}
     with pytest.raises(AtxError, match="student has no layer named 'layer1'"):
         DistillModule(student, objective, 10, frozen_layers=["layer1"])
+
+
+def _validate(module: DistillModule, tmp_path) -> dict[str, float]:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    (metrics,) = trainer.validate(module, loader(32), verbose=False)
+    return metrics
+
+
+def test_attention_agreement_is_one_for_the_teacher_itself_and_rises_with_at(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model("wrn", num_classes=10, depth=10, width=2)
+    twin = build_model("wrn", num_classes=10, depth=10, width=2)
+    twin.load_state_dict(teacher.state_dict())
+    twin.eval()  # the same function as the frozen teacher
+    same = DistillModule(twin, Objective([CrossEntropy(Schedule(1.0))]), 10, teacher=teacher,
+                         agreement_pairs=PAIRS)  # fmt: skip
+    same.train = lambda mode=True: same  # keep the twin in eval mode during validate
+    metrics = _validate(same, tmp_path)
+    for group, _ in PAIRS:
+        assert metrics[f"val/agreement/{group}"] == pytest.approx(1.0, abs=1e-5)
+        assert metrics[f"val/at_distance/{group}"] == pytest.approx(0.0, abs=1e-8)
+
+    student = build_model("wrn", num_classes=10, depth=10, width=1)
+    objective = Objective([CrossEntropy(Schedule(1.0)), AttentionTransfer(Schedule(3e3), PAIRS)])
+    layers = [s for s, _ in PAIRS]
+    module = DistillModule(student, objective, 10, teacher=teacher, student_layers=layers,
+                           teacher_layers=layers, agreement_pairs=PAIRS)  # fmt: skip
+    before = _validate(module, tmp_path)
+    assert all(before[f"val/agreement/{g}"] < 0.99 for g, _ in PAIRS)  # a random student
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, loader(32))
+    after = _validate(module, tmp_path)
+    for group, _ in PAIRS:
+        assert after[f"val/agreement/{group}"] > before[f"val/agreement/{group}"] + 0.01, group
+        assert after[f"val/at_distance/{group}"] < before[f"val/at_distance/{group}"], group

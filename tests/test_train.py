@@ -128,6 +128,23 @@ def test_layer_lists_from_the_shell(tmp_path, teacher_dir):
     assert "train/at/group3.0.conv1_step" in header and "train/at/group1_step" not in header
 
 
+def test_plain_student_with_a_teacher_logs_agreement_and_figures(tmp_path, teacher_dir):
+    """A baseline student given a teacher: attention agreement per group is measured, and the
+    attention figure is drawn during training (every epoch here) as well as at the end."""
+    data = cifar_overrides(tmp_path / "data", "folder")
+    cfg = compose_cfg(TINY + data + [
+        "distill=none", "teacher=wrn_16_2", "teacher.depth=10",
+        f"teacher.checkpoint={teacher_dir}", "figure_every_n_epochs=1",
+    ])  # fmt: skip
+    (tmp_path / "run").mkdir()
+    metrics = train(cfg, tmp_path / "run")
+    for group in ("group1", "group2", "group3"):
+        assert -1.0 <= metrics[f"val/agreement/{group}"] <= 1.0
+        assert metrics[f"val/at_distance/{group}"] >= 0.0
+    assert (tmp_path / "run" / "attention" / "epoch_001.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "attention.png").is_file()
+
+
 def test_cifar100_logs_top5_error(tmp_path):
     write_cifar100(tmp_path / "data", n_train=40, n_test=20)
     cfg = compose_cfg(TINY + ["data=cifar100", f"data.root={tmp_path / 'data'}"])

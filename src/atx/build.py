@@ -230,6 +230,24 @@ def check_distill(d: DictConfig) -> None:
         raise AtxError(f"distill.at.reduction='{d.at.reduction}' is unknown; use code or paper")
 
 
+def teacher_given(cfg: DictConfig) -> bool:
+    """A teacher preset with its checkpoint set (used for attention agreement even when no
+    term needs it)."""
+    return (cfg.teacher is not None and not OmegaConf.is_missing(cfg.teacher, "checkpoint")
+            and bool(cfg.teacher.get("checkpoint")))  # fmt: skip
+
+
+def preset_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The models' ``all`` layer groups, paired, when no transfer term chose layers; empty
+    when the models have no presets or different group counts."""
+    try:
+        s = resolve_layers("all", cfg.model.name, "model")
+        t = resolve_layers("all", cfg.teacher.name, "teacher")
+    except AtxError:
+        return []
+    return list(zip(s, t, strict=True)) if len(s) == len(t) else []
+
+
 def needs_teacher(d: DictConfig, plan: LayerPlan) -> bool:
     """KD, AT, F-ActT and grad-AT learn from a teacher; symmetry and min-l2 do not."""
     return d.kd.alpha > 0 or bool(plan.at or plan.fact) or d.grad_at.beta > 0

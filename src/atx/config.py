@@ -112,7 +112,8 @@ class TrainConf:
     finetune: FinetuneConf = field(default_factory=FinetuneConf)
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
-    figure_images: int = 8  # validation images in the attention-map figure written at the end
+    figure_images: int = 8  # validation images in the attention-map figures (0: no figures)
+    figure_every_n_epochs: int = 20  # also log the figure every N epochs (0: only at the end)
     debug: bool = False  # true: show the full traceback of configuration errors
 
 

@@ -9,8 +9,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from atx.attention import attention_agreement
 from atx.config import OptimConf
 from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
@@ -67,10 +69,14 @@ class DistillModule(L.LightningModule):
         teacher_layers: Sequence[str] = (),
         frozen_layers: Sequence[str] = (),
         freeze_bn: bool = False,
+        agreement_pairs: Sequence[tuple[str, str]] = (),
+        agreement_map: tuple[float, str] = (2.0, "sum"),
     ) -> None:
         """``student_layers`` / ``teacher_layers``: every module name any term reads.
         ``frozen_layers`` (student module names) and ``freeze_bn``: fine-tuning (Section
-        4.2.1): those modules stay in eval mode and their parameters are not trained."""
+        4.2.1): those modules stay in eval mode and their parameters are not trained.
+        ``agreement_pairs``: (student, teacher) layers whose attention agreement with the
+        teacher is measured on the validation set (``agreement_map``: p and mode of F)."""
         super().__init__()
         self.student = student
         check_layer_names(student, frozen_layers, "student")
@@ -84,6 +90,11 @@ class DistillModule(L.LightningModule):
         self.objective = objective
         self.teacher = freeze(teacher) if teacher is not None else None
         self.optim = optim or OptimConf()
+        self.agreement_pairs = [tuple(p) for p in agreement_pairs] if teacher is not None else []
+        self.agreement_map = agreement_map
+        pairs = self.agreement_pairs
+        student_layers = list(dict.fromkeys([*student_layers, *(s for s, _ in pairs)]))
+        teacher_layers = list(dict.fromkeys([*teacher_layers, *(t for _, t in pairs)]))
         self.student_taps = (
             LayerTaps(student, student_layers, "student") if student_layers else None
         )
@@ -92,6 +103,10 @@ class DistillModule(L.LightningModule):
             if teacher is not None and teacher_layers
             else None
         )
+        self.agreement = nn.ModuleDict({
+            f"{kind}_{i}": MeanMetric() for i in range(len(self.agreement_pairs))
+            for kind in ("cosine", "distance")
+        })  # fmt: skip
         self.num_classes = num_classes
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -176,17 +191,21 @@ class DistillModule(L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
         logits = self.student(x)
-        if self.student_taps:
-            self.student_taps.outputs()  # drop tapped features, not needed here
-        self.log(
-            f"{stage}/loss",
-            nn.functional.cross_entropy(logits.float(), y),
-            on_epoch=True,
-            sync_dist=True,
-        )
+        student_feats = self.student_taps.outputs() if self.student_taps else {}
+        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits.float(), y),
+                 on_epoch=True, sync_dist=True)  # fmt: skip
         self.val_top1.update(logits, y)
         if self.val_top5 is not None:
             self.val_top5.update(logits, y)
+        if self.agreement_pairs:
+            with torch.no_grad():
+                self.teacher(x)
+            teacher_feats = self.teacher_taps.outputs()
+            for i, (s, t) in enumerate(self.agreement_pairs):
+                cosine, distance = attention_agreement(student_feats[s], teacher_feats[t],
+                                                       *self.agreement_map)  # fmt: skip
+                self.agreement[f"cosine_{i}"].update(cosine)
+                self.agreement[f"distance_{i}"].update(distance)
 
     def _eval_epoch_end(self, stage: str) -> None:
         self.log(f"{stage}/error", (1 - self.val_top1.compute()) * 100, prog_bar=True)
@@ -194,6 +213,11 @@ class DistillModule(L.LightningModule):
         if self.val_top5 is not None:
             self.log(f"{stage}/error_top5", (1 - self.val_top5.compute()) * 100)
             self.val_top5.reset()
+        for i, (s, _) in enumerate(self.agreement_pairs):  # attention agreement per group
+            for kind, key in (("cosine", "agreement"), ("distance", "at_distance")):
+                metric = self.agreement[f"{kind}_{i}"]
+                self.log(f"{stage}/{key}/{s}", metric.compute())
+                metric.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from atx import build
+from atx.callbacks import AttentionFigures
 from atx.checkpoints import STUDENT_FILE
 from atx.config import register
 from atx.errors import AtxError
@@ -78,8 +79,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     student = build.build_network(cfg.model, "model", data.num_classes, data.in_channels)
     plan = build.plan_layers(cfg)
     teacher = None
-    if build.needs_teacher(cfg.distill, plan):
+    if build.needs_teacher(cfg.distill, plan) or build.teacher_given(cfg):
+        # a given teacher is loaded even for a plain/KD student: attention agreement is logged
         teacher = build.build_teacher(cfg, data.num_classes, data.in_channels)
+    pairs = (plan.at or plan.fact or build.preset_pairs(cfg)) if teacher is not None else []
     fact_channels: list[tuple[int, int]] = []
     if plan.student_layers:
         shape = (data.in_channels, data.image_size, data.image_size)
@@ -102,6 +105,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         plan.teacher_layers,
         cfg.finetune.frozen_layers,
         cfg.finetune.freeze_bn,
+        agreement_pairs=pairs,
+        agreement_map=(cfg.distill.at.p, cfg.distill.at.mode),
     )
 
     loggers = build_loggers(cfg, run_dir, group)
@@ -116,6 +121,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         ),
         LearningRateMonitor(logging_interval="epoch"),
     ]
+    if pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
+        callbacks.append(AttentionFigures(run_dir / "attention", cfg.figure_every_n_epochs,
+                                          cfg.figure_images, pairs, data))  # fmt: skip
     trainer = L.Trainer(
         **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
     )
@@ -134,7 +142,6 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
             "best/val_error": float(best) if best is not None else None,
         }
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        pairs = (plan.at or plan.fact or _preset_pairs(cfg)) if teacher is not None else []
         if pairs and cfg.figure_images > 0:
             from atx.visualize import save_attention_figure  # matplotlib only when needed
 
@@ -153,16 +160,6 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                     logger.log_image(key="attention", images=[str(figure)])
     _finish_wandb(loggers)
     return metrics
-
-
-def _preset_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
-    """The models' ``all`` layer groups, paired, when no transfer term chose layers (KD)."""
-    try:
-        s = build.resolve_layers("all", cfg.model.name, "model")
-        t = build.resolve_layers("all", cfg.teacher.name, "teacher")
-    except AtxError:
-        return []
-    return list(zip(s, t, strict=True)) if len(s) == len(t) else []
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
