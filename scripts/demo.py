@@ -80,13 +80,14 @@ def main() -> None:
         f"model.depth={args.depth}",
     ]
     began = time.perf_counter()
-    teacher_dir = out / "teacher"
+    teacher = ["teacher=wrn_16_2", f"teacher.depth={args.depth}",
+               f"teacher.checkpoint={out / 'teacher'}"]  # fmt: skip
     runs = {
         "teacher": [*common, "model=wrn_16_2", "name=demo_teacher"],
-        "student": [*common, "model=wrn_16_1", "name=demo_student"],
+        # the plain student is given the teacher too, only to measure attention agreement
+        "student": [*common, "model=wrn_16_1", "name=demo_student", *teacher],
         "student_at": [*common, "model=wrn_16_1", "name=demo_student_at", "distill=at",
-                       "teacher=wrn_16_2", f"teacher.depth={args.depth}",
-                       f"teacher.checkpoint={teacher_dir}"],
+                       *teacher],
     }  # fmt: skip
     metrics = {run: atx_train(out / run, overrides) for run, overrides in runs.items()}
     errors = {run: m["val/error"] for run, m in metrics.items()}
@@ -94,15 +95,20 @@ def main() -> None:
 
     print(f"\nFashion-MNIST, {args.train_subset} training images, {e} epochs, "
           f"test error on {args.val_subset} test images:\n")  # fmt: skip
-    print("| network | test error (%) | best epoch (%) |")
-    print("|---|---|---|")
+    print("| network | test error (%) | best epoch (%) | attention agreement with the teacher |")
+    print("|---|---|---|---|")
     d = args.depth
     labels = {"teacher": f"teacher WRN-{d}-2", "student": f"student WRN-{d}-1",
               "student_at": f"student WRN-{d}-1 + AT"}  # fmt: skip
     for run, label in labels.items():
-        print(
-            f"| {label} | {metrics[run]['val/error']:.2f} | {metrics[run]['best/val_error']:.2f} |"
-        )
+        m = metrics[run]
+        agree = [f"{m[k]:.3f}" for k in sorted(m) if k.startswith("val/agreement/")]
+        print(f"| {label} | {m['val/error']:.2f} | {m['best/val_error']:.2f} | "
+              f"{' / '.join(agree) or '-'} |")  # fmt: skip
+    print(
+        "\n(agreement: cosine similarity of student and teacher attention maps, F^2_sum, per"
+        " group 1 / 2 / 3, averaged over the test images; 1 = the teacher's own attention)"
+    )
     print(f"\nattention maps: {figure}\nrun dirs: {out}")
     print(f"total time: {time.perf_counter() - began:.0f} s")
 

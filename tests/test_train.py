@@ -145,6 +145,19 @@ def test_plain_student_with_a_teacher_logs_agreement_and_figures(tmp_path, teach
     assert (tmp_path / "run" / "attention.png").is_file()
 
 
+def test_a_teacher_kept_for_metrics_changes_nothing_in_training(tmp_path, teacher_dir):
+    """Same seed, with and without a (metrics-only) teacher: the same batches, the same student."""
+    data = cifar_overrides(tmp_path / "data", "folder")
+    runs = {"plain": [], "with_teacher": ["teacher=wrn_16_2", "teacher.depth=10",
+                                          f"teacher.checkpoint={teacher_dir}"]}  # fmt: skip
+    for name, extra in runs.items():
+        (tmp_path / name).mkdir()
+        train(compose_cfg(TINY + data + extra), tmp_path / name)
+    a = torch.load(tmp_path / "plain" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "with_teacher" / "student.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cifar100_logs_top5_error(tmp_path):
     write_cifar100(tmp_path / "data", n_train=40, n_test=20)
     cfg = compose_cfg(TINY + ["data=cifar100", f"data.root={tmp_path / 'data'}"])

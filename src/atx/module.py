@@ -78,6 +78,8 @@ class DistillModule(L.LightningModule):
         ``agreement_pairs``: (student, teacher) layers whose attention agreement with the
         teacher is measured on the validation set (``agreement_map``: p and mode of F)."""
         super().__init__()
+        if objective.needs_teacher and teacher is None:
+            raise ValueError("the objective has terms that learn from a teacher: pass teacher=")
         self.student = student
         check_layer_names(student, frozen_layers, "student")
         modules = dict(student.named_modules())
@@ -135,7 +137,7 @@ class DistillModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         out = self._student_outputs(x, y)
-        if self.teacher is not None:
+        if self.objective.needs_teacher:  # a teacher kept only for validation metrics stays idle
             self._add_teacher_outputs(out, x, y)
         loss, parts = self.objective(out, epoch=self.current_epoch)
         logits = out.logits

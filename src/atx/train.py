@@ -109,6 +109,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         agreement_map=(cfg.distill.at.p, cfg.distill.at.mode),
     )
 
+    # fresh seed after every model is built: the data order and augmentation of a run do not
+    # depend on whether a teacher or adapters were built (baseline vs AT see the same batches)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     loggers = build_loggers(cfg, run_dir, group)
     callbacks = [
         ModelCheckpoint(
