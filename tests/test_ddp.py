@@ -1,4 +1,6 @@
-"""grad-AT under DDP (2 CPU processes, gloo): double-backward gradients are all-reduced right."""
+"""DDP with 2 CPU processes (gloo): ranks stay in sync and match one process on the same global
+batches, for grad-AT (double backward) and for activation AT + KD (beta means the same on 1 or N
+devices)."""
 
 from __future__ import annotations
 
@@ -7,22 +9,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-SCRIPT = Path(__file__).with_name("ddp_grad_at_script.py")
+SCRIPT = Path(__file__).with_name("ddp_steps_script.py")
 
 
-def run(out: Path, devices: int) -> None:
+def run(out: Path, devices: int, kind: str) -> None:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices)],
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), kind],
                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_grad_at_ddp_two_ranks_equal_each_other_and_one_process(tmp_path):
-    run(tmp_path / "ddp", 2)
-    run(tmp_path / "single", 1)
+@pytest.mark.parametrize("kind", ["grad_at", "at_kd"])
+def test_ddp_two_ranks_equal_each_other_and_one_process(tmp_path, kind):
+    run(tmp_path / "ddp", 2, kind)
+    run(tmp_path / "single", 1, kind)
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)

@@ -1,7 +1,8 @@
-"""Run by test_gradient_ddp.py: a few grad-AT steps with a real Trainer, 1 process or DDP (2
-CPU processes, gloo), in float64 on a fixed dataset; every rank saves its final student weights.
+"""Run by test_ddp.py: a few distillation steps (grad-AT or activation AT + KD) with a
+real Trainer, 1 process or DDP (2 CPU processes, gloo), in float64 on a fixed dataset; every rank
+saves its final student weights.
 
-    python tests/ddp_grad_at_script.py <out dir> <devices>
+    python tests/ddp_steps_script.py <out dir> <devices> <grad_at|at_kd>
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from atx.losses import CrossEntropy, GradientAT, Objective, Schedule
+from atx.losses import (
+    AttentionTransfer,
+    CrossEntropy,
+    GradientAT,
+    KnowledgeDistillation,
+    Objective,
+    Schedule,
+)
 from atx.models import build_model
 from atx.module import DistillModule
 
@@ -28,13 +36,22 @@ class SaveWeights(L.Callback):
         torch.save(module.student.state_dict(), self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, devices: int) -> None:
+def objective(kind: str) -> Objective:
+    if kind == "grad_at":
+        return Objective([CrossEntropy(Schedule(1.0)), GradientAT(Schedule(50.0))])
+    pairs = [(b, b) for b in ("block1", "block2", "block3")]
+    return Objective([CrossEntropy(Schedule(0.1)), KnowledgeDistillation(Schedule(0.9)),
+                      AttentionTransfer(Schedule(1000.0), pairs)])  # fmt: skip
+
+
+def main(out: Path, devices: int, kind: str) -> None:
     torch.manual_seed(0)
     # the paper's grad-AT network: NIN without batch norm (so per-rank batches are exact)
     student = build_model("nin", num_classes=10, variant="thin", batch_norm=False)
     teacher = build_model("nin", num_classes=10, variant="thin", batch_norm=False)
-    objective = Objective([CrossEntropy(Schedule(1.0)), GradientAT(Schedule(50.0))])
-    module = DistillModule(student, objective, 10, teacher=teacher).double()
+    layers = ["block1", "block2", "block3"] if kind == "at_kd" else []
+    module = DistillModule(student, objective(kind), 10, teacher=teacher, student_layers=layers,
+                           teacher_layers=layers).double()  # fmt: skip
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(32, 3, 8, 8, generator=g, dtype=torch.float64),
                          torch.randint(0, 10, (32,), generator=g))  # fmt: skip
@@ -53,4 +70,4 @@ def main(out: Path, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
