@@ -13,6 +13,7 @@ import yaml
 from wandb_records import summarise
 
 from atx.models import build_model
+from atx.report import report
 
 FAST = [
     "model.depth=10",
@@ -87,6 +88,12 @@ def test_multirun_sweep_beta_by_p_with_wandb_offline(tmp_path, teacher_pt):
         assert run["images"] >= 1  # the attention figure
     assert seen == {(500.0, 1.0), (500.0, 2.0), (1000.0, 1.0), (1000.0, 2.0)}
     assert len(run_ids) == 4
+    # atx-report on the real sweep: one row per (beta, p), plots against both
+    rows = report(sweep)
+    assert len(rows) == 4 and all(r["seeds"] == 1 for r in rows)
+    assert {(r["distill.at.beta"], r["distill.at.p"]) for r in rows} == seen
+    assert (sweep / "report_error_vs_beta.png").is_file()
+    assert (sweep / "report_error_vs_p.png").is_file()
 
 
 def test_config_typo_is_one_message_without_traceback(tmp_path):
