@@ -109,7 +109,6 @@ class DistillModule(L.LightningModule):
             f"{kind}_{i}": MeanMetric() for i in range(len(self.agreement_pairs))
             for kind in ("cosine", "distance")
         })  # fmt: skip
-        self.num_classes = num_classes
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = (

@@ -59,14 +59,16 @@ def check_config(cfg: DictConfig) -> None:
     build.check_keys(cfg.trainer, allowed, "trainer")
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list[Any]:
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, group: str | None, flat_config: dict[str, Any]
+) -> list[Any]:
     loggers = []
     for key, node in (cfg.logger or {}).items():
         extra: dict[str, Any] = {"save_dir": str(run_dir)}
         if node._target_.endswith("WandbLogger"):
             if node.get("group") is None and group:
                 extra["group"] = group
-            extra["config"] = flatten(OmegaConf.to_container(cfg, resolve=True))
+            extra["config"] = flat_config
         loggers.append(build.instantiate_checked(node, f"logger.{key}", **extra))
     return loggers
 
@@ -112,7 +114,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     # fresh seed after every model is built: the data order and augmentation of a run do not
     # depend on whether a teacher or adapters were built (baseline vs AT see the same batches)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loggers = build_loggers(cfg, run_dir, group)
+    flat_config = flatten(OmegaConf.to_container(cfg, resolve=True))
+    loggers = build_loggers(cfg, run_dir, group, flat_config)
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -131,7 +134,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
     )
     for logger in loggers:
-        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        logger.log_hyperparams(flat_config)
     trainer.fit(module, datamodule=data)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

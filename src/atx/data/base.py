@@ -64,6 +64,13 @@ def collate_pairs(items: list[Any]) -> Any:
     return default_collate(items)
 
 
+def check_subsets(train_subset: int | None, val_subset: int | None) -> None:
+    """``data.train_subset`` / ``data.val_subset``: a positive count or null."""
+    for key, value in (("train_subset", train_subset), ("val_subset", val_subset)):
+        if value is not None and value < 1:
+            raise AtxError(f"data.{key} must be a positive count or null, got {value}")
+
+
 class TensorImageDataModule(L.LightningDataModule):
     """Base class: subclasses set the class attributes below and implement :meth:`_load`.
 
@@ -108,9 +115,7 @@ class TensorImageDataModule(L.LightningDataModule):
             )
         if pad_mode not in PAD_MODES:
             raise AtxError(f"data.pad_mode={pad_mode!r} is unknown; use one of {PAD_MODES}")
-        for key, value in (("train_subset", train_subset), ("val_subset", val_subset)):
-            if value is not None and value < 1:
-                raise AtxError(f"data.{key} must be a positive count or null, got {value}")
+        check_subsets(train_subset, val_subset)
         self.root = str(root)
         self.batch_size = batch_size
         self.num_workers = num_workers

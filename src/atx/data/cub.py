@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from atx.data.folder import (
-    IMAGE_EXTENSIONS,
     ImageFileDataModule,
     SampleList,
-    existing_files,
     missing_file_error,
     read_list_file,
+    require_images,
 )
 from atx.errors import AtxError
 
@@ -77,14 +76,7 @@ class CUBDataModule(ImageFileDataModule):
         is_train = self._by_id("train_test_split.txt", 2, ids)
         boxes = self._by_id("bounding_boxes.txt", 5, ids) if self.crop_to_bbox else None
 
-        files = existing_files(images_dir, classes)
-        with_images = {p.split("/", 1)[0] for p in files if p.lower().endswith(IMAGE_EXTENSIONS)}
-        for cls in classes:
-            if cls not in with_images:
-                raise AtxError(
-                    f"class folder '{images_dir / cls}' has no images (.jpg/.jpeg/.png); restore "
-                    f"it from the official release"
-                )
+        files = require_images(images_dir, classes, "restore it from the official release")
         out: dict[bool, tuple[list[str], list[int], list[list[float]]]] = {
             True: ([], [], []),
             False: ([], [], []),

@@ -55,9 +55,9 @@ except ImportError:  # a torchvision without image io: PIL decodes everything
     decode_image = None  # type: ignore[assignment]
 
 from atx.data.augment import denormalize, normalize
+from atx.data.base import IMAGE_EXTENSIONS, check_subsets
 from atx.errors import AtxError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Our own decompression-bomb limit, checked from the header for both decoders: 2**26 px (67 MP,
@@ -389,9 +389,7 @@ class ImageFileDataModule(L.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise AtxError(message)
-        for key, value in (("train_subset", train_subset), ("val_subset", val_subset)):
-            if value is not None and value < 1:
-                raise AtxError(f"data.{key} must be a positive count or null, got {value}")
+        check_subsets(train_subset, val_subset)
         self.root = str(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -621,3 +619,16 @@ def missing_file_error(list_file: Path, line: int, rel: str, images_dir: Path) -
         f"'{list_file}' line {line} names '{rel}', which does not exist in '{images_dir}'; "
         f"restore the image or use the list file of this copy"
     )
+
+
+def require_images(images_dir: Path, classes: Sequence[str], fix: str) -> set[str]:
+    """The files under ``images_dir``'s class folders (``existing_files``); every class
+    folder must hold at least one image."""
+    files = existing_files(images_dir, classes)
+    with_images = {p.split("/", 1)[0] for p in files if p.lower().endswith(IMAGE_EXTENSIONS)}
+    for cls in classes:
+        if cls not in with_images:
+            raise AtxError(
+                f"class folder '{images_dir / cls}' has no images (.jpg/.jpeg/.png); {fix}"
+            )
+    return files

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from atx.data.folder import (
-    IMAGE_EXTENSIONS,
     ImageFileDataModule,
     SampleList,
     class_folders,
-    existing_files,
     missing_file_error,
     read_lines,
+    require_images,
 )
 from atx.errors import AtxError
 
@@ -54,14 +53,7 @@ class ScenesDataModule(ImageFileDataModule):
 
     def _find_samples(self) -> tuple[SampleList, SampleList]:
         classes = self.classes
-        files = existing_files(self.images_dir, classes)
-        with_images = {p.split("/", 1)[0] for p in files if p.lower().endswith(IMAGE_EXTENSIONS)}
-        for cls in classes:
-            if cls not in with_images:
-                raise AtxError(
-                    f"class folder '{self.images_dir / cls}' has no images (.jpg/.jpeg/.png); "
-                    f"add its images or remove the folder"
-                )
+        files = require_images(self.images_dir, classes, "add its images or remove the folder")
         label_of = {c: i for i, c in enumerate(classes)}
         splits = []
         for split in ("train", "val"):
