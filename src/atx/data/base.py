@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
 from atx.errors import AtxError
@@ -62,6 +63,21 @@ def collate_pairs(items: list[Any]) -> Any:
     if len(items) == 1 and isinstance(items[0], _Batch):
         return items[0].x, items[0].y
     return default_collate(items)
+
+
+def eval_sampler(data: L.LightningDataModule, dataset: Dataset) -> Sampler | None:
+    """Under DDP, every rank evaluates a disjoint share of ``dataset`` and no image twice.
+
+    Lightning's default ``DistributedSampler`` pads the last share with repeated images, so
+    test error over N ranks would count some images twice; this sampler leaves the shares one
+    image apart instead. ``None`` (the plain sequential order) on one process.
+    """
+    trainer = data.trainer
+    if trainer is None or trainer.world_size < 2:
+        return None
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
 
 
 def check_subsets(train_subset: int | None, val_subset: int | None) -> None:
@@ -159,7 +175,8 @@ class TensorImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.x_val is not None and self.y_val is not None, "call setup() first"
-        return self._loader(TensorPairDataset(self.x_val, self.y_val), shuffle=False)
+        dataset = TensorPairDataset(self.x_val, self.y_val)
+        return self._loader(dataset, shuffle=False, sampler=eval_sampler(self, dataset))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -197,11 +214,14 @@ class TensorImageDataModule(L.LightningDataModule):
         assert self.x_val is not None and self.y_val is not None
         return self.x_val[:n].clone(), self.y_val[:n].clone()
 
-    def _loader(self, dataset: TensorPairDataset, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: TensorPairDataset, shuffle: bool, sampler: Sampler | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate_pairs,
             drop_last=False,
             num_workers=self.num_workers,

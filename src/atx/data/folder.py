@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 try:  # deprecated in torchvision 0.29 in favour of TorchCodec; still the fastest here
@@ -55,7 +55,7 @@ except ImportError:  # a torchvision without image io: PIL decodes everything
     decode_image = None  # type: ignore[assignment]
 
 from atx.data.augment import denormalize, normalize
-from atx.data.base import IMAGE_EXTENSIONS, check_subsets
+from atx.data.base import IMAGE_EXTENSIONS, check_subsets, eval_sampler
 from atx.errors import AtxError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -482,7 +482,8 @@ class ImageFileDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
-        return self._loader(self.val_set, shuffle=False, drop_last=False)
+        sampler = eval_sampler(self, self.val_set)
+        return self._loader(self.val_set, shuffle=False, drop_last=False, sampler=sampler)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -545,12 +546,19 @@ class ImageFileDataModule(L.LightningDataModule):
             samples, transform, self.decoder, self.on_corrupt, self.max_pixels, self.num_workers
         )
 
-    def _loader(self, dataset: ImageFileDataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(
+        self,
+        dataset: ImageFileDataset,
+        shuffle: bool,
+        drop_last: bool,
+        sampler: Sampler | None = None,
+    ) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
