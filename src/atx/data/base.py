@@ -1,8 +1,11 @@
 """In-memory uint8 image datasets with batched augmentation after the device transfer.
 
-A dataset is decoded once into a uint8 tensor ``(N, C, H, W)``; the dataloaders only index it,
-and crop/flip/normalise run on whole batches in :meth:`on_after_batch_transfer` (on the GPU when
-training on one). Per-image PIL decoding would cap throughput at a few thousand images/s.
+A dataset is decoded once into a uint8 tensor ``(N, C, H, W)`` (slow decodes are cached on
+disk, :mod:`atx.data.cache`); the dataloaders only index it, and crop/flip/normalise run on
+whole batches in :meth:`on_after_batch_transfer` (on the GPU when training on one). With
+``device_resident`` the tensors live on the training device and batches are gathered there, so
+no images cross from host to device per step. Per-image PIL decoding would cap throughput at a
+few thousand images/s.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from atx.data import cache as disk_cache
 from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
 from atx.errors import AtxError
 
@@ -55,6 +59,10 @@ class TensorPairDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[_Batch]:
         idx = torch.as_tensor(indices, dtype=torch.long)  # index_select: ~20x faster than x[idx]
+        if self.x.device.type == "cuda":  # device-resident: only the indices cross, async
+            idx = idx.pin_memory().to(self.x.device, non_blocking=True)
+        elif self.x.device != idx.device:
+            idx = idx.to(self.x.device)
         return [_Batch(self.x.index_select(0, idx), self.y.index_select(0, idx))]
 
 
@@ -118,7 +126,12 @@ class TensorImageDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         pad_mode: str = "reflect",
+        cache: bool = True,
+        device_resident: bool = True,
     ) -> None:
+        """``cache``: keep slowly decoded layouts (image folders) as a uint8 cache file beside
+        the data. ``device_resident``: hold the uint8 tensors on the training device (a no-op
+        on the CPU) and gather batches there; the DataLoader then runs in the main process."""
         super().__init__()
         if batch_size < 1:
             raise AtxError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -142,6 +155,9 @@ class TensorImageDataModule(L.LightningDataModule):
         self.val_subset = val_subset
         self.seed = seed
         self.pin_memory = pin_memory
+        self.cache = cache
+        self.device_resident = device_resident
+        self.cache_file: Path | None = None  # the cache file read or written by setup()
         self.classes = list(type(self).classes)
         self.x_train: Tensor | None = None
         self.y_train: Tensor | None = None
@@ -157,17 +173,34 @@ class TensorImageDataModule(L.LightningDataModule):
         """
         raise NotImplementedError
 
+    def _cache_sources(self) -> list[Path] | None:
+        """The files :meth:`_load` decodes one by one, whose listing keys the disk cache; None
+        (the default) when the layout reads fast enough not to need a cache."""
+        return None
+
     # --- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Load the data once (later calls do nothing) and take the seeded subsets if asked."""
-        if self.x_train is not None:
-            return
-        x_train, y_train, x_val, y_val = self._load()
-        self._check(x_train, y_train, "train")
-        self._check(x_val, y_val, "test")
-        x_train, y_train = self._subset(x_train, y_train, self.train_subset, "train_subset", 0)
-        x_val, y_val = self._subset(x_val, y_val, self.val_subset, "val_subset", 1)
-        self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+        """Load the data once (later calls only re-place it) and take the seeded subsets.
+
+        With ``device_resident`` the tensors are then moved to the trainer's device.
+        """
+        if self.x_train is None:
+            x_train, y_train, x_val, y_val = self._load_cached() if self.cache else self._load()
+            self._check(x_train, y_train, "train")
+            self._check(x_val, y_val, "test")
+            x_train, y_train = self._subset(x_train, y_train, self.train_subset, "train_subset", 0)
+            x_val, y_val = self._subset(x_val, y_val, self.val_subset, "val_subset", 1)
+            self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+        strategy = getattr(self.trainer, "strategy", None)
+        if self.device_resident and strategy is not None:
+            self.place(strategy.root_device)
+
+    def place(self, device: torch.device | str) -> None:
+        """Keep the uint8 train/val tensors on ``device``; batches are then gathered there."""
+        assert self.x_train is not None and self.y_train is not None, "call setup() first"
+        assert self.x_val is not None and self.y_val is not None
+        self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
+        self.x_val, self.y_val = self.x_val.to(device), self.y_val.to(device)
 
     def train_dataloader(self) -> DataLoader:
         assert self.x_train is not None and self.y_train is not None, "call setup() first"
@@ -212,11 +245,13 @@ class TensorImageDataModule(L.LightningDataModule):
         """The first ``n`` validation images (uint8) and labels: a fixed set for figures."""
         self.setup()
         assert self.x_val is not None and self.y_val is not None
-        return self.x_val[:n].clone(), self.y_val[:n].clone()
+        return self.x_val[:n].cpu().clone(), self.y_val[:n].cpu().clone()
 
     def _loader(
         self, dataset: TensorPairDataset, shuffle: bool, sampler: Sampler | None = None
     ) -> DataLoader:
+        on_host = dataset.x.device.type == "cpu"  # device-resident: gather in the main process
+        workers = self.num_workers if on_host else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -224,10 +259,29 @@ class TensorImageDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=collate_pairs,
             drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=self.pin_memory and on_host,
+            persistent_workers=workers > 0,
         )
+
+    def _load_cached(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_load` through the disk cache when the layout has one (:meth:`_cache_sources`)."""
+        sources = self._cache_sources()
+        if sources is None:
+            return self._load()
+        root = Path(self.root)
+        key = disk_cache.fingerprint(root, sources, self.name, self.in_channels, self.image_size)
+        name = disk_cache.cache_name(self.name, key)
+        for path in disk_cache.candidates(root, name):
+            data = disk_cache.read(path) if path.is_file() else None
+            if data is not None:
+                self.cache_file, self.classes = path, data["classes"]
+                return data["x_train"], data["y_train"], data["x_val"], data["y_val"]
+        x_train, y_train, x_val, y_val = self._load()
+        data = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
+                "classes": list(self.classes)}  # fmt: skip
+        self.cache_file = disk_cache.write(data, root, name)
+        return x_train, y_train, x_val, y_val
 
     def _check(self, x: Tensor, y: Tensor, split: str) -> None:
         shape = (self.in_channels, self.image_size, self.image_size)

@@ -7,7 +7,8 @@ Layouts recognised under ``root`` (checked in this order):
     official pickles are read directly (no md5 check), torchvision is used only to download
     (``download=True``).
 (b) image folders: ``root/train/<class>/*.png|jpg|jpeg`` and ``root/test/<class>/*``; each image
-    is decoded once (32x32 RGB), classes are the sorted folder names.
+    is decoded once (32x32 RGB), classes are the sorted folder names. The decoded tensors are
+    cached in ``root/.atx-cache/`` (``data.cache``, :mod:`atx.data.cache`).
 
 Normalisation: both datasets use the CIFAR-10 statistics of the paper's code
 (mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255), as the authors' ``cifar.py`` did.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from atx.data.base import TensorImageDataModule, load_image_folder
+from atx.data.base import IMAGE_EXTENSIONS, TensorImageDataModule, load_image_folder
 from atx.errors import AtxError
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -144,6 +145,15 @@ class _CIFARDataModule(TensorImageDataModule):
                 f"{err}); put a copy in '{Path(self.root) / self.folder}' by hand and set "
                 f"data.download=false"
             ) from err
+
+    def _cache_sources(self) -> list[Path] | None:
+        """The image files of the folder layout (slow to decode); None for the pickles."""
+        layout = self._layout()
+        if layout is None or layout[0] != "folder":
+            return None
+        root = Path(self.root)
+        files = [*root.glob("train/*/*"), *root.glob("test/*/*")]
+        return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         self.prepare_data()  # no-op unless download=True and nothing is there (e.g. no Trainer)
