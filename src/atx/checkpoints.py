@@ -55,7 +55,11 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path, who: str) -> None:
     """Load ``path`` into ``model`` exactly; a mismatch is one line saying what differs."""
-    state = load_state_dict(path)
+    load_state(model, load_state_dict(path), path, who)
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path, who: str) -> None:
+    """Load ``state`` (read from ``path``) into ``model`` exactly, as :func:`load_weights`."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
