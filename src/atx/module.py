@@ -9,14 +9,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from atx.attention import attention_agreement
-from atx.config import OptimConf
+from atx.config import OptimConf, SpeedConf
 from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
+from atx.speed import prepare_models, teacher_forward, to_layout
 
 
 @contextmanager
@@ -71,12 +72,14 @@ class DistillModule(L.LightningModule):
         freeze_bn: bool = False,
         agreement_pairs: Sequence[tuple[str, str]] = (),
         agreement_map: tuple[float, str] = (2.0, "sum"),
+        speed: SpeedConf | None = None,
     ) -> None:
         """``student_layers`` / ``teacher_layers``: every module name any term reads.
         ``frozen_layers`` (student module names) and ``freeze_bn``: fine-tuning (Section
         4.2.1): those modules stay in eval mode and their parameters are not trained.
         ``agreement_pairs``: (student, teacher) layers whose attention agreement with the
-        teacher is measured on the validation set (``agreement_map``: p and mode of F)."""
+        teacher is measured on the validation set (``agreement_map``: p and mode of F).
+        ``speed``: layout, compilation and teacher precision (``atx.speed``)."""
         super().__init__()
         if objective.needs_teacher and teacher is None:
             raise ValueError("the objective has terms that learn from a teacher: pass teacher=")
@@ -110,6 +113,11 @@ class DistillModule(L.LightningModule):
             for kind in ("cosine", "distance")
         })  # fmt: skip
         self.strict_loading = False  # checkpoints hold no teacher weights
+        self.speed = speed or SpeedConf()
+        prepare_models(student, self.teacher, self.speed, objective.needs_input_grad)
+        # evaluation metrics are sums over images, reduced across ranks (no mean of means)
+        self.val_loss = MeanMetric()
+        self.val_images = SumMetric()
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = (
             MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 10 else None
@@ -135,6 +143,7 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        x = to_layout(x, self.speed.channels_last)
         out = self._student_outputs(x, y)
         if self.objective.needs_teacher:  # a teacher kept only for validation metrics stays idle
             self._add_teacher_outputs(out, x, y)
@@ -179,8 +188,8 @@ class DistillModule(L.LightningModule):
                 logits = self.teacher(x_t)
                 out.teacher_input_grad = input_gradient(logits, y, x_t).detach()
             out.teacher_logits = logits.detach()
-        else:
-            with torch.no_grad():
+        else:  # no_grad or inference_mode, in the teacher's precision (atx.speed)
+            with teacher_forward(self.speed, x.device.type):
                 out.teacher_logits = self.teacher(x)
         feats = self.teacher_taps.outputs() if self.teacher_taps else {}
         out.teacher_features = {k: v.detach() for k, v in feats.items()}
@@ -191,10 +200,11 @@ class DistillModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
+        x = to_layout(x, self.speed.channels_last)
         logits = self.student(x)
         student_feats = self.student_taps.outputs() if self.student_taps else {}
-        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits.float(), y),
-                 on_epoch=True, sync_dist=True)  # fmt: skip
+        self.val_loss.update(nn.functional.cross_entropy(logits.float(), y), weight=len(y))
+        self.val_images.update(len(y))
         self.val_top1.update(logits, y)
         if self.val_top5 is not None:
             self.val_top5.update(logits, y)
@@ -210,7 +220,10 @@ class DistillModule(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         self.log(f"{stage}/error", (1 - self.val_top1.compute()) * 100, prog_bar=True)
-        self.val_top1.reset()
+        self.log(f"{stage}/loss", self.val_loss.compute())
+        self.log(f"{stage}/images", self.val_images.compute())  # each test image once
+        for metric in (self.val_top1, self.val_loss, self.val_images):
+            metric.reset()
         if self.val_top5 is not None:
             self.log(f"{stage}/error_top5", (1 - self.val_top5.compute()) * 100)
             self.val_top5.reset()
@@ -219,6 +232,13 @@ class DistillModule(L.LightningModule):
                 metric = self.agreement[f"{kind}_{i}"]
                 self.log(f"{stage}/{key}/{s}", metric.compute())
                 metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        """Under DDP, every rank evaluates with rank 0's BN statistics: the reported error is
+        that of the student rank 0 saves (the ranks' running stats differ by their last batch)."""
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            for buffer in self.student.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

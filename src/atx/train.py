@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +26,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from atx import build
 from atx.callbacks import AttentionFigures
 from atx.checkpoints import STUDENT_FILE
+from atx.cluster import GpuClaim, check_launcher_matches_trainer, cluster_plugins
 from atx.config import register
 from atx.errors import AtxError
 from atx.module import DistillModule
+from atx.speed import check_speed, configure_allocator
 
 register()
 # the frozen teacher is in eval mode on purpose; lightning's own deprecation noise is not ours
@@ -55,27 +60,57 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise AtxError(f"config value '{missing[0]}' is not set: pass {missing[0]}=<value>")
     build.check_distill(cfg.distill)
+    check_speed(cfg.speed)
     allowed = build.accepted_kwargs(L.Trainer) - {"logger", "callbacks", "default_root_dir"}
     build.check_keys(cfg.trainer, allowed, "trainer")
 
 
+@dataclass
+class RunLabels:
+    """How a run shows up in W&B: sweep jobs are grouped by sweep dir and named from their
+    overrides; every run is tagged with the presets it was composed from."""
+
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+# overrides that say where things are, not what is compared: left out of W&B run names
+UNNAMED = ("hydra.", "hydra/", "trainer.enable_", "logger", "data.root", "teacher.checkpoint")
+
+
+def run_labels(hc: Any, cfg: DictConfig) -> RunLabels:
+    """W&B group, name and tags of the Hydra job ``hc`` (``HydraConfig.get()``)."""
+    choices = hc.runtime.choices
+    tags = [f"{g}:{choices[g]}" for g in ("experiment", "distill", "model", "teacher", "data")
+            if choices.get(g) not in (None, "null")]  # fmt: skip
+    if hc.mode != RunMode.MULTIRUN:
+        return RunLabels(tags=tags)
+    shown = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(UNNAMED)]
+    return RunLabels(str(hc.sweep.dir), " ".join([cfg.name, *shown]), tags)
+
+
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, group: str | None, flat_config: dict[str, Any]
+    cfg: DictConfig, run_dir: Path, labels: RunLabels, flat_config: dict[str, Any]
 ) -> list[Any]:
     loggers = []
     for key, node in (cfg.logger or {}).items():
         extra: dict[str, Any] = {"save_dir": str(run_dir)}
         if node._target_.endswith("WandbLogger"):
-            if node.get("group") is None and group:
-                extra["group"] = group
+            if node.get("group") is None and labels.group:
+                extra["group"] = labels.group
+            if labels.name and node.get("name") == cfg.name:  # the default name: ${name}
+                extra["name"] = labels.name
+            extra["tags"] = [*(node.get("tags") or []), *labels.tags]
             extra["config"] = flat_config
         loggers.append(build.instantiate_checked(node, f"logger.{key}", **extra))
     return loggers
 
 
-def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> dict[str, float]:
     """Validate ``cfg``, fit the student, export it; returns the final validation metrics."""
     check_config(cfg)
+    configure_allocator(cfg.speed.allocator)  # before data and models take memory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build.build_data(cfg)
     student = build.build_network(cfg.model, "model", data.num_classes, data.in_channels)
@@ -94,6 +129,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
             plan, s_shapes, t_shapes, cfg.distill.at.interpolate
         )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.pop("sync_batchnorm", False):  # the student's BN only, never the teacher's
+        student = sync_batchnorm(student, trainer_kwargs)
     objective = build.build_objective(
         cfg.distill, plan, fact_channels, trainer_kwargs.get("max_epochs") or 1
     )
@@ -109,13 +146,14 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         cfg.finetune.freeze_bn,
         agreement_pairs=pairs,
         agreement_map=(cfg.distill.at.p, cfg.distill.at.mode),
+        speed=OmegaConf.to_object(cfg.speed),
     )
 
     # fresh seed after every model is built: the data order and augmentation of a run do not
     # depend on whether a teacher or adapters were built (baseline vs AT see the same batches)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     flat_config = flatten(OmegaConf.to_container(cfg, resolve=True))
-    loggers = build_loggers(cfg, run_dir, group, flat_config)
+    loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config)
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -130,6 +168,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     if pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
         callbacks.append(AttentionFigures(run_dir / "attention", cfg.figure_every_n_epochs,
                                           cfg.figure_images, pairs, data))  # fmt: skip
+    trainer_kwargs.setdefault("plugins", cluster_plugins())
     trainer = L.Trainer(
         **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
     )
@@ -177,6 +216,17 @@ def _finish_wandb(loggers: list[Any]) -> None:
             wandb.finish()
 
 
+def sync_batchnorm(student: torch.nn.Module, trainer: dict[str, Any]) -> torch.nn.Module:
+    """``trainer.sync_batchnorm=true``: the student's BN layers become SyncBatchNorm (batch
+    statistics over all ranks). Lightning's own switch would convert the frozen teacher too."""
+    if str(trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
+        raise AtxError(
+            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm has no CPU kernel, stack"
+            " notes E21): add trainer.accelerator=gpu or drop trainer.sync_batchnorm"
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
 def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
     """Lightning's ``ddp`` re-runs the command line for every rank, so under ``-m`` with an
     in-process launcher each rank would run its own copy of the sweep (stack notes E3-E5)."""
@@ -186,20 +236,42 @@ def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
     if several and in_process and str(t.get("strategy", "auto")) in ("ddp", "auto"):
         raise AtxError(
             "-m with trainer.strategy=ddp (or auto) on several devices would re-run the whole"
-            " sweep in every rank: use trainer.strategy=ddp_spawn for local sweeps, or a Slurm"
-            " launcher (tasks per node = devices), or run each job without -m"
+            " sweep in every rank: use hydra/launcher=slurm (Slurm starts the ranks), or"
+            " hydra/launcher=local_ddp on this machine, or trainer.strategy=ddp_spawn, or run"
+            " each job without -m"
         )
+
+
+@contextmanager
+def gpu_of_this_job(cfg: DictConfig, hc: Any) -> Iterator[None]:
+    """Local parallel sweeps (``hydra/launcher=parallel``) on a GPU machine: each one-device job
+    trains on a GPU no other job of the machine holds (``trainer.devices=[i]``)."""
+    t = cfg.trainer
+    joblib = "joblib" in str(hc.launcher.get("_target_", ""))
+    one_gpu = str(t.accelerator) in ("gpu", "cuda") and str(t.devices) == "1"
+    if not (joblib and one_gpu and torch.cuda.device_count() > 1):
+        yield
+        return
+    claim = GpuClaim(torch.cuda.device_count(), Path(hc.sweep.dir) / ".gpu_locks")
+    try:
+        with open_dict(cfg):
+            cfg.trainer.devices = [claim.index]
+        yield
+    finally:
+        claim.release()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    group = hc.sweep.dir if multirun else None
     try:
         if multirun:
             check_sweep_strategy(cfg, hc.launcher.get("_target_", ""))
-        metrics = train(cfg, Path(hc.runtime.output_dir), group)
+            check_launcher_matches_trainer(OmegaConf.to_container(hc.launcher, resolve=True),
+                                           OmegaConf.to_container(cfg.trainer, resolve=True))
+        with gpu_of_this_job(cfg, hc):
+            metrics = train(cfg, Path(hc.runtime.output_dir), run_labels(hc, cfg))
     except AtxError as e:
         if cfg.get("debug", False):
             raise

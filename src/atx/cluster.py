@@ -1,0 +1,138 @@
+"""Where the ranks of a run come from: Slurm / submitit jobs, and which GPU a local job gets.
+
+Lightning's own ``ddp`` re-runs the command line for every extra rank, which breaks under a Hydra
+sweep (stack notes 1.3). Under the submitit launcher the ranks are created by the scheduler
+instead (``tasks_per_node = trainer.devices``, conf/hydra/launcher/slurm.yaml) and Lightning
+only joins them: on Slurm it detects ``SLURMEnvironment`` itself; submitit's local executor
+sets no Slurm variables, so :class:`SubmititEnvironment` tells Lightning about its ranks
+(stack notes E9).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from pathlib import Path
+from typing import IO, Any
+
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+from atx.errors import AtxError
+
+
+class SubmititEnvironment(ClusterEnvironment):
+    """The ranks of a submitit job (local executor: ``SUBMITIT_EXECUTOR=local``)."""
+
+    def __init__(self) -> None:
+        import submitit
+
+        self._env = submitit.JobEnvironment()
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    def main_address(self) -> str:
+        return self._env.hostnames[0] if self._env.num_nodes > 1 else "127.0.0.1"
+
+    @property
+    def main_port(self) -> int:
+        digits = re.sub(r"\D", "", str(self._env.job_id))[-4:]
+        return 20000 + int(digits or 0)
+
+    @staticmethod
+    def detect() -> bool:
+        return os.environ.get("SUBMITIT_EXECUTOR") == "local"
+
+    def world_size(self) -> int:
+        return self._env.num_tasks
+
+    def set_world_size(self, size: int) -> None:
+        pass
+
+    def global_rank(self) -> int:
+        return self._env.global_rank
+
+    def set_global_rank(self, rank: int) -> None:
+        pass
+
+    def local_rank(self) -> int:
+        return self._env.local_rank
+
+    def node_rank(self) -> int:
+        return self._env.node
+
+
+def cluster_plugins() -> list[Any]:
+    """Trainer plugins for the environment this process runs in.
+
+    * submitit local executor: :class:`SubmititEnvironment`.
+    * Slurm through submitit: ``SLURMEnvironment(auto_requeue=False)``: submitit owns the
+      requeue (``max_num_timeout``), Lightning must not requeue the same job a second time
+      (stack notes 1.5).
+    * anything else (a plain Slurm ``srun``, a workstation): Lightning's own detection.
+    """
+    if SubmititEnvironment.detect():
+        return [SubmititEnvironment()]
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
+def check_launcher_matches_trainer(launcher: dict[str, Any], trainer: dict[str, Any]) -> None:
+    """Under the submitit launcher one Slurm task is one rank: tasks per node must equal
+    ``trainer.devices`` and nodes ``trainer.num_nodes`` (Lightning checks it only on the node)."""
+    if "submitit" not in str(launcher.get("_target_", "")):
+        return
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    tasks = launcher.get("tasks_per_node", 1)
+    if not isinstance(devices, int) or devices != tasks:
+        raise AtxError(
+            f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: under Slurm"
+            " every task is one rank; set trainer.devices to an integer and keep the launcher's"
+            " tasks_per_node: ${trainer.devices} (conf/hydra/launcher/slurm.yaml)"
+        )
+    if launcher.get("nodes", 1) != nodes:
+        raise AtxError(
+            f"hydra.launcher.nodes={launcher.get('nodes')} but trainer.num_nodes={nodes}; keep"
+            " nodes: ${trainer.num_nodes} in the launcher config"
+        )
+    if devices > 1 or nodes > 1:
+        strategy = str(trainer.get("strategy", "auto"))
+        if strategy not in ("ddp", "auto"):
+            raise AtxError(
+                f"trainer.strategy={strategy} under the Slurm launcher: use trainer.strategy=ddp"
+                " (Slurm starts the ranks; ddp_spawn would start them a second time)"
+            )
+
+
+class GpuClaim:
+    """A GPU held by this process for its lifetime: the first of ``count`` GPUs whose lock file
+    no other job holds. For local parallel sweeps (``hydra/launcher=parallel``): each job trains
+    on its own GPU, however the launcher orders the jobs."""
+
+    def __init__(self, count: int, lock_dir: str | Path) -> None:
+        self.index: int | None = None
+        self._file: IO[str] | None = None
+        Path(lock_dir).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            handle = open(Path(lock_dir) / f"gpu{i}.lock", "w")  # noqa: SIM115 (held open)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            self.index, self._file = i, handle
+            return
+        raise AtxError(
+            f"all {count} GPUs are taken by other jobs of this machine (locks in '{lock_dir}');"
+            f" set hydra.launcher.n_jobs <= {count}"
+        )
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
