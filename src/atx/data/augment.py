@@ -67,12 +67,21 @@ def random_crop_flip(
     gen_device = generator.device if generator is not None else x.device
     offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device=gen_device)
     flips = torch.rand(b, generator=generator, device=gen_device) < 0.5
-    offsets, flips = offsets.to(x.device), flips.to(x.device)
+    return crop_flip(x, pad, offsets.to(x.device), flips.to(x.device) if flip else None, mode)
 
+
+def crop_flip(
+    x: Tensor, pad: int, offsets: Tensor, flips: Tensor | None = None, mode: str = "reflect"
+) -> Tensor:
+    """The deterministic part of :func:`random_crop_flip`: sample ``i`` is cropped at row
+    ``offsets[0, i]`` and column ``offsets[1, i]`` (each in ``0..2*pad``) of its ``pad``-padded
+    image, then mirrored left-right where ``flips[i]`` (no flips when ``flips`` is None).
+    """
+    b, c, h, w = x.shape
     dev = x.device
     rows = _border_index(h, pad, mode, dev)[offsets[0, :, None] + torch.arange(h, device=dev)]
     cols = _border_index(w, pad, mode, dev)[offsets[1, :, None] + torch.arange(w, device=dev)]
-    if flip:
+    if flips is not None:
         cols = torch.where(flips[:, None], cols.flip(1), cols)
     index = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
     return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
