@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli import FAST, atx_train
 from wandb_records import summarise
 
 from atx.models import build_model
 from atx.report import report
-
-FAST = [
-    "model.depth=10",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "data.train_subset=64",
-    "data.val_subset=32",
-    "data.batch_size=16",
-    "figure_images=2",
-]
-
-
-def atx_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 300):
-    cmd = [sys.executable, "-m", "atx.train", *args]
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=Path(__file__).parents[1],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +55,9 @@ def test_multirun_sweep_beta_by_p_with_wandb_offline(tmp_path, teacher_pt):
         run = summarise(run_file)
         run_ids.add(run["id"])
         assert run["group"] == str(sweep)  # grouped by sweep
-        assert run["name"] == "sweep_test"
+        beta, p = cfg["distill"]["at"]["beta"], cfg["distill"]["at"]["p"]  # named by the sweep
+        assert run["name"] == f"sweep_test distill.at.beta={beta:g} distill.at.p={p:g}"
+        assert {"distill:at", "model:wrn_16_1", "teacher:wrn_16_2"} <= set(run["tags"])
         assert run["config"]["distill.at.beta"] == str(cfg["distill"]["at"]["beta"])
         assert {"val/error", "train/at/group1_epoch", "weight/at"} <= run["history_keys"]
         assert run["images"] >= 1  # the attention figure

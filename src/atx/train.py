@@ -12,6 +12,8 @@ dict), ``metrics.json`` and, when a teacher was used, ``attention.png``.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -24,15 +26,17 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from atx import build
 from atx.callbacks import AttentionFigures
 from atx.checkpoints import STUDENT_FILE
 from atx.cluster import GpuClaim, check_launcher_matches_trainer, cluster_plugins
-from atx.config import register
+from atx.config import composition_error_line, register
 from atx.errors import AtxError
 from atx.module import DistillModule
 from atx.speed import check_speed, configure_allocator
@@ -60,9 +64,13 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise AtxError(f"config value '{missing[0]}' is not set: pass {missing[0]}=<value>")
     build.check_distill(cfg.distill)
+    build.check_optim(cfg.optim)
+    build.check_run_options(cfg)
     check_speed(cfg.speed)
     allowed = build.accepted_kwargs(L.Trainer) - {"logger", "callbacks", "default_root_dir"}
     build.check_keys(cfg.trainer, allowed, "trainer")
+    build.check_trainer(cfg.trainer)
+    check_sync_batchnorm(cfg.trainer)
 
 
 @dataclass
@@ -86,8 +94,22 @@ def run_labels(hc: Any, cfg: DictConfig) -> RunLabels:
             if choices.get(g) not in (None, "null")]  # fmt: skip
     if hc.mode != RunMode.MULTIRUN:
         return RunLabels(tags=tags)
-    shown = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(UNNAMED)]
+    swept = swept_keys(Path(hc.sweep.dir) / "multirun.yaml")
+    shown = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(UNNAMED)
+             and (swept is None or o.lstrip("+~").split("=")[0] in swept)]  # fmt: skip
     return RunLabels(str(hc.sweep.dir), " ".join([cfg.name, *shown]), tags)
+
+
+def swept_keys(multirun_yaml: Path) -> set[str] | None:
+    """The keys a sweep varies, read from the ``multirun.yaml`` Hydra writes into the sweep
+    dir (``distill.at.beta=500,1000`` -> ``distill.at.beta``); ``None`` if it is not there."""
+    if not multirun_yaml.is_file():
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = OmegaConf.load(multirun_yaml).hydra.overrides.task
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
 def build_loggers(
@@ -128,9 +150,11 @@ def train(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> di
         fact_channels = build.check_pair_shapes(
             plan, s_shapes, t_shapes, cfg.distill.at.interpolate
         )
+    if teacher is not None:  # its weights, once every layer name and shape is checked
+        build.load_teacher(cfg, teacher, data)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs.pop("sync_batchnorm", False):  # the student's BN only, never the teacher's
-        student = sync_batchnorm(student, trainer_kwargs)
+        student = sync_batchnorm(student)
     objective = build.build_objective(
         cfg.distill, plan, fact_channels, trainer_kwargs.get("max_epochs") or 1
     )
@@ -183,6 +207,7 @@ def train(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> di
         summary = {
             "name": cfg.name,
             "epochs": trainer.current_epoch,
+            "world_size": trainer.world_size,
             **metrics,
             "best/val_error": float(best) if best is not None else None,
         }
@@ -216,14 +241,17 @@ def _finish_wandb(loggers: list[Any]) -> None:
             wandb.finish()
 
 
-def sync_batchnorm(student: torch.nn.Module, trainer: dict[str, Any]) -> torch.nn.Module:
-    """``trainer.sync_batchnorm=true``: the student's BN layers become SyncBatchNorm (batch
-    statistics over all ranks). Lightning's own switch would convert the frozen teacher too."""
-    if str(trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
+def check_sync_batchnorm(trainer: DictConfig) -> None:
+    if trainer.get("sync_batchnorm") and str(trainer.get("accelerator")) not in ("gpu", "cuda"):
         raise AtxError(
             "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm has no CPU kernel, stack"
             " notes E21): add trainer.accelerator=gpu or drop trainer.sync_batchnorm"
         )
+
+
+def sync_batchnorm(student: torch.nn.Module) -> torch.nn.Module:
+    """``trainer.sync_batchnorm=true``: the student's BN layers become SyncBatchNorm (batch
+    statistics over all ranks). Lightning's own switch would convert the frozen teacher too."""
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
@@ -281,8 +309,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console script ``atx-train``."""
-    _hydra_main()
+    """Console script ``atx-train``. Hydra's own composition errors (unknown key or wrong type
+    from the shell, unknown preset) are one ``atx: error:`` line too; ``debug=true`` (or
+    ``HYDRA_FULL_ERROR=1``) shows the traceback instead."""
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
+        re.fullmatch(r"\+*debug=(true|True|1)", a) for a in sys.argv[1:]
+    )
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing several lines
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if debug:
+            raise
+        print(f"atx: error: {composition_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

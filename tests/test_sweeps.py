@@ -1,0 +1,181 @@
+"""Sweeps and many processes: the Slurm launcher's sbatch parameters, local parallel jobs, DDP
+inside a sweep job (submitit starts the ranks), a 2-process DDP run of the real CLI with test
+metrics reduced over ranks, and the student-only SyncBN switch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import submitit
+import torch
+import yaml
+from cli import FAST, atx_train
+from configs import compose_cfg
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from wandb_records import summarise
+
+from atx import build
+from atx.cluster import GpuClaim, check_launcher_matches_trainer
+from atx.errors import AtxError
+from atx.models import build_model
+from atx.train import CONF_DIR, sync_batchnorm, train
+
+
+class _Submitted(Exception):
+    """Raised instead of calling sbatch: carries the executor the launcher configured."""
+
+
+def slurm_submission(tmp_path: Path, monkeypatch, overrides: list[str]) -> tuple[Any, str]:
+    """Run the submitit Slurm launcher of conf/hydra/launcher/slurm.yaml up to the sbatch call;
+    return the executor and the sbatch script it would submit."""
+    fake_bin = tmp_path / "bin"  # submitit looks for srun before it builds a Slurm executor
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+
+    class Recorder(submitit.AutoExecutor):
+        def map_array(self, fn, *args):
+            raise _Submitted(self)
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Recorder)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/s",
+                                          *overrides], return_hydra_config=True)  # fmt: skip
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the launcher's values resolve
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+    with pytest.raises(_Submitted) as submitted:
+        launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
+    executor = submitted.value.args[0]._executor
+    return executor, executor._make_submission_file_text("python -m atx.train", "uid")
+
+
+def test_slurm_launcher_gives_one_task_per_device(tmp_path, monkeypatch):
+    executor, sbatch = slurm_submission(tmp_path, monkeypatch, [
+        "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600", "name=t1",
+    ])  # fmt: skip
+    for line in ("--ntasks-per-node=4", "--gpus-per-node=4", "--nodes=2", "--time=600",
+                 "--partition=gpu", "--signal=USR2@120", "--job-name=atx-t1",
+                 f"--output={tmp_path}/s/.submitit/%j/%j_0_log.out"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in sbatch, line
+    assert "export SUBMITIT_EXECUTOR=slurm" in sbatch and "srun " in sbatch
+    assert executor.max_num_timeout == 3  # requeued after preemption / timeout
+
+
+def test_slurm_launcher_follows_a_single_gpu_trainer(tmp_path, monkeypatch):
+    _, sbatch = slurm_submission(tmp_path, monkeypatch, ["trainer=gpu", "hydra.launcher.qos=low"])
+    assert "#SBATCH --ntasks-per-node=1\n" in sbatch and "#SBATCH --gpus-per-node=1\n" in sbatch
+    assert "#SBATCH --nodes=1\n" in sbatch and "#SBATCH --qos=low\n" in sbatch
+
+
+@pytest.mark.parametrize(
+    ("launcher", "trainer", "message"),
+    [
+        ({"tasks_per_node": 1, "nodes": 1}, {"devices": 2}, "tasks_per_node=1 but trainer.dev"),
+        ({"tasks_per_node": 2, "nodes": 1}, {"devices": 2, "num_nodes": 2}, "nodes=1 but"),
+        ({"tasks_per_node": 2}, {"devices": 2, "strategy": "ddp_spawn"}, "trainer.strategy=ddp "),
+    ],
+)
+def test_slurm_launcher_and_trainer_must_agree(launcher, trainer, message):
+    launcher = {"_target_": "hydra_plugins.hydra_submitit_launcher.x.SlurmLauncher", **launcher}
+    with pytest.raises(AtxError, match=message):
+        check_launcher_matches_trainer(launcher, trainer)
+
+
+def test_local_parallel_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = atx_train(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *FAST,
+                        "logger=csv", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                       env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    seeds = []
+    for job in ("0", "1"):
+        assert (sweep / job / "student.pt").is_file()
+        seeds.append(yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["seed"])
+    assert sorted(seeds) == [0, 1]
+    a, b = (torch.load(sweep / j / "student.pt", weights_only=True) for j in ("0", "1"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two different runs, not one twice
+
+
+def test_gpu_claims_are_exclusive(tmp_path):
+    first, second = GpuClaim(2, tmp_path), GpuClaim(2, tmp_path)
+    assert (first.index, second.index) == (0, 1)
+    with pytest.raises(AtxError, match="all 2 GPUs are taken"):
+        GpuClaim(2, tmp_path)
+    first.release()
+    third = GpuClaim(2, tmp_path)
+    assert third.index == 0
+    second.release()
+    third.release()
+
+
+def evaluate(student_pt: Path, overrides: list[str]) -> float:
+    """Test error (%) of an exported student on the run's test images, in this process."""
+    cfg = compose_cfg(overrides)
+    data = build.build_data(cfg)
+    data.setup()
+    model = build_model("wrn", num_classes=10, in_channels=1, depth=10, width=1)
+    model.load_state_dict(torch.load(student_pt, weights_only=True))
+    with torch.no_grad():
+        logits = model.eval()(data.normalize(data.x_val))
+    return float((logits.argmax(1) != data.y_val).float().mean() * 100)
+
+
+def check_ddp_run(run_dir: Path, val_images: int, overrides: list[str]) -> None:
+    """metrics.json of a 2-rank run: every test image counted once, error = the saved student's."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["val/images"] == val_images  # 2 ranks, odd count: none padded or repeated
+    assert metrics["val/error"] == pytest.approx(evaluate(run_dir / "student.pt", overrides),
+                                                 abs=1e-4)  # fmt: skip
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")  # rank 0 alone logs
+    assert "val/error" in summarise(wandb_file)["history_keys"]
+
+
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", "data.val_subset=33", "logger=wandb"]
+
+
+def test_two_process_ddp_run_of_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    result = atx_train([*FAST, *DDP, f"hydra.run.dir={run_dir}"],
+                       env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started the second rank
+    check_ddp_run(run_dir, 33, [*FAST, "data.val_subset=33"])
+
+
+def test_ddp_inside_a_sweep_job_ranks_started_by_submitit(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = atx_train(
+        ["-m", "hydra/launcher=local_ddp", "hydra.launcher.gpus_per_node=0", *FAST, *DDP,
+         "seed=0", f"hydra.sweep.dir={sweep}"],
+        env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job_log,) = sweep.glob(".submitit/*/*_1_log.err")  # submitit ran task (= rank) 1 too
+    assert "MEMBER: 2/2" in job_log.read_text() + job_log.with_suffix(".out").read_text()
+    check_ddp_run(sweep / "0", 33, [*FAST, "data.val_subset=33"])
+    assert [p.name for p in sweep.iterdir() if p.name.isdigit()] == ["0"]  # no stray sweep dirs
+
+
+def test_sync_batchnorm_converts_the_student_only():
+    student = build_model("wrn", num_classes=10, depth=10, width=1)
+    converted = sync_batchnorm(student)
+    kinds = {type(m) for m in converted.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+
+
+def test_sync_batchnorm_on_the_cpu_is_refused_before_training(tmp_path):
+    cfg = compose_cfg([*FAST, "logger=csv", "trainer.sync_batchnorm=true"])
+    with pytest.raises(AtxError, match="sync_batchnorm=true needs GPUs"):
+        train(cfg, tmp_path)
+    assert not os.listdir(tmp_path)
