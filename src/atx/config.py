@@ -7,6 +7,9 @@ logger) are checked against that class's signature by ``atx.train`` before anyth
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +104,25 @@ class FinetuneConf:
 
 
 @dataclass
+class SpeedConf:
+    """Speed switches (``atx.speed``); none changes what is trained beyond float rounding."""
+
+    channels_last: bool = False  # NHWC memory layout for student, teacher and batches
+    compile: bool = False  # torch.compile student and teacher (eager for input-gradient terms)
+    teacher_precision: str = "same"  # same | bf16 | fp16: autocast dtype of the teacher forward
+    teacher_inference_mode: bool = False  # teacher under torch.inference_mode, not no_grad
+    allocator: bool = True  # CPU: glibc mallopt so freed activations are reused, not re-faulted
+
+
+@dataclass
+class CheckpointConf:
+    """Checkpoints in ``<run>/checkpoints``: last + best at every epoch end, and these."""
+
+    every_n_steps: int = 1000  # also save every N training steps, mid-epoch (0: off)
+    keep_last: int = 2  # step checkpoints kept (the newest)
+
+
+@dataclass
 class TrainConf:
     name: str = "run"
     seed: int = 0
@@ -110,11 +132,43 @@ class TrainConf:
     distill: DistillConf = field(default_factory=DistillConf)
     optim: OptimConf = field(default_factory=OptimConf)
     finetune: FinetuneConf = field(default_factory=FinetuneConf)
+    speed: SpeedConf = field(default_factory=SpeedConf)
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
     figure_images: int = 8  # validation images in the attention-map figures (0: no figures)
     figure_every_n_epochs: int = 20  # also log the figure every N epochs (0: only at the end)
     debug: bool = False  # true: show the full traceback of configuration errors
+    nan_policy: str = "stop"  # a NaN/inf loss: stop (name step, term, group) | skip the step
+    nan_skip_limit: int = 10  # skip: stop anyway after this many non-finite steps in a row
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    resume: str | None = None  # a run dir: continue that run from its newest checkpoint
+
+
+def composition_error_line(error: BaseException) -> str:
+    """Hydra's multi-line composition error (unknown key or wrong type from the shell, unknown
+    preset) as one line, with a close match where there is one."""
+    text = str(error).split("Config search path:")[0]
+    options = [ln.strip() for ln in text.splitlines() if ln.startswith("\t")]
+    head = [ln.strip().rstrip(".:") for ln in text.splitlines() if ln.strip()]
+    head = [ln for ln in head if ln not in options]
+    cause = error.__cause__
+    if cause is not None:  # an OmegaConf error: unknown key or a value of the wrong type
+        schema = getattr(cause, "object_type", None)
+        key, full_key = str(getattr(cause, "key", "")), str(getattr(cause, "full_key", ""))
+        is_schema = dataclasses.is_dataclass(schema)
+        fields = [f.name for f in dataclasses.fields(schema)] if is_schema else []
+        close = [c for c in difflib.get_close_matches(key, fields, n=1) if c != key]
+        where = full_key.rpartition(".")[0]
+        hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
+        line = f"{head[0]}: {str(cause).splitlines()[0]}{hint}"
+        if not fields and len(head) > 1:  # a free-form group (trainer, data): + adds a key
+            line += f"; {head[1][0].lower()}{head[1][1:]}"
+        return line
+    missing = re.search(r"Could not find '[^/']+/([^']+)'", text)
+    close = difflib.get_close_matches(missing.group(1), options, n=1) if missing else []
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    rest = f"; {head[-1].lower()}: {', '.join(options)}" if options and len(head) > 1 else ""
+    return f"{head[0]}{hint}{rest}" if options else "; ".join(head)
 
 
 def register() -> None:

@@ -17,6 +17,7 @@ from atx.config import OptimConf, SpeedConf
 from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
+from atx.numerics import NanGuard
 from atx.speed import prepare_models, teacher_forward, to_layout
 
 
@@ -73,6 +74,7 @@ class DistillModule(L.LightningModule):
         agreement_pairs: Sequence[tuple[str, str]] = (),
         agreement_map: tuple[float, str] = (2.0, "sum"),
         speed: SpeedConf | None = None,
+        nan_guard: NanGuard | None = None,
     ) -> None:
         """``student_layers`` / ``teacher_layers``: every module name any term reads.
         ``frozen_layers`` (student module names) and ``freeze_bn``: fine-tuning (Section
@@ -114,6 +116,7 @@ class DistillModule(L.LightningModule):
         })  # fmt: skip
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.speed = speed or SpeedConf()
+        self.nan_guard = nan_guard or NanGuard()  # a NaN/inf loss stops the run (or is skipped)
         prepare_models(student, self.teacher, self.speed, objective.needs_input_grad)
         # evaluation metrics are sums over images, reduced across ranks (no mean of means)
         self.val_loss = MeanMetric()
@@ -141,13 +144,15 @@ class DistillModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         x = to_layout(x, self.speed.channels_last)
         out = self._student_outputs(x, y)
         if self.objective.needs_teacher:  # a teacher kept only for validation metrics stays idle
             self._add_teacher_outputs(out, x, y)
         loss, parts = self.objective(out, epoch=self.current_epoch)
+        if self.nan_guard(loss, parts, self.global_step, self.current_epoch, batch_idx):
+            return None  # skipped: no backward, no optimiser step (nan_policy=skip)
         logits = out.logits
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
@@ -193,6 +198,10 @@ class DistillModule(L.LightningModule):
                 out.teacher_logits = self.teacher(x)
         feats = self.teacher_taps.outputs() if self.teacher_taps else {}
         out.teacher_features = {k: v.detach() for k, v in feats.items()}
+
+    def on_train_epoch_end(self) -> None:
+        if self.nan_guard.policy == "skip":
+            self.log("train/skipped_steps", float(self.nan_guard.skipped))
 
     def on_train_epoch_start(self) -> None:
         weights = self.objective.weights(self.current_epoch)

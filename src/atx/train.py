@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,6 +40,9 @@ from atx.cluster import GpuClaim, check_launcher_matches_trainer, cluster_plugin
 from atx.config import composition_error_line, register
 from atx.errors import AtxError
 from atx.module import DistillModule
+from atx.numerics import NanGuard
+from atx.resume import checkpoint_callbacks, configured_teacher, interrupted, with_atomic_io
+from atx.run_dir import claim_run_dir, expand_resume_argv
 from atx.speed import check_speed, configure_allocator
 
 register()
@@ -113,8 +117,9 @@ def swept_keys(multirun_yaml: Path) -> set[str] | None:
 
 
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, labels: RunLabels, flat_config: dict[str, Any]
-) -> list[Any]:
+    cfg: DictConfig, run_dir: Path, labels: RunLabels, flat_config: dict[str, Any],
+    wandb_id: str | None = None,
+) -> list[Any]:  # fmt: skip
     loggers = []
     for key, node in (cfg.logger or {}).items():
         extra: dict[str, Any] = {"save_dir": str(run_dir)}
@@ -125,13 +130,22 @@ def build_loggers(
                 extra["name"] = labels.name
             extra["tags"] = [*(node.get("tags") or []), *labels.tags]
             extra["config"] = flat_config
+            if wandb_id:  # the run dir's W&B run, continued when the run resumes
+                extra.update(id=wandb_id, resume="allow")
         loggers.append(build.instantiate_checked(node, f"logger.{key}", **extra))
     return loggers
 
 
-def train(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> dict[str, float]:
-    """Validate ``cfg``, fit the student, export it; returns the final validation metrics."""
+def train(
+    cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None, claim: bool = False
+) -> dict[str, float]:
+    """Validate ``cfg``, fit the student, export it; returns the final validation metrics.
+    ``claim``: decide fresh / resume / skip / refuse for ``run_dir`` first (``atx.run_dir``)."""
     check_config(cfg)
+    owner = claim_run_dir(cfg, run_dir) if claim else None
+    if owner is not None and owner.finished is not None:
+        print(f"atx: '{run_dir}' has finished already: skipped", file=sys.stderr)
+        return {k: v for k, v in owner.finished.items() if k.startswith("val/")}
     configure_allocator(cfg.speed.allocator)  # before data and models take memory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build.build_data(cfg)
@@ -171,13 +185,15 @@ def train(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> di
         agreement_pairs=pairs,
         agreement_map=(cfg.distill.at.p, cfg.distill.at.mode),
         speed=OmegaConf.to_object(cfg.speed),
+        nan_guard=NanGuard(cfg.nan_policy, cfg.nan_skip_limit),
     )
 
     # fresh seed after every model is built: the data order and augmentation of a run do not
     # depend on whether a teacher or adapters were built (baseline vs AT see the same batches)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     flat_config = flatten(OmegaConf.to_container(cfg, resolve=True))
-    loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config)
+    loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config,
+                            owner.wandb_id if owner else None)  # fmt: skip
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -188,17 +204,25 @@ def train(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> di
             auto_insert_metric_name=False,
         ),
         LearningRateMonitor(logging_interval="epoch"),
+        *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+                              configured_teacher(cfg)),  # fmt: skip
     ]
     if pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
         callbacks.append(AttentionFigures(run_dir / "attention", cfg.figure_every_n_epochs,
                                           cfg.figure_images, pairs, data))  # fmt: skip
     trainer_kwargs.setdefault("plugins", cluster_plugins())
+    trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs["plugins"])
     trainer = L.Trainer(
         **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
     )
     for logger in loggers:
         logger.log_hyperparams(flat_config)
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data, weights_only=True,
+                    ckpt_path=owner.checkpoint if owner else None)  # fmt: skip
+    except SIGTERMException:
+        _finish_wandb(loggers)
+        raise interrupted(trainer, run_dir) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero:
@@ -299,12 +323,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             check_launcher_matches_trainer(OmegaConf.to_container(hc.launcher, resolve=True),
                                            OmegaConf.to_container(cfg.trainer, resolve=True))
         with gpu_of_this_job(cfg, hc):
-            metrics = train(cfg, Path(hc.runtime.output_dir), run_labels(hc, cfg))
+            metrics = train(cfg, Path(hc.runtime.output_dir), run_labels(hc, cfg), claim=True)
     except AtxError as e:
         if cfg.get("debug", False):
             raise
         print(f"atx: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     return metrics.get("val/error")
 
 
@@ -316,6 +340,7 @@ def main() -> None:
         re.fullmatch(r"\+*debug=(true|True|1)", a) for a in sys.argv[1:]
     )
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing several lines
+    sys.argv[1:] = expand_resume_argv(sys.argv[1:])  # resume=<dir>: that run's overrides
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as e:
