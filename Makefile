@@ -6,7 +6,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.atx-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test lint bench clean-outputs
+.PHONY: install demo test lint bench bench-data clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,3 +29,6 @@ lint: install
 
 bench: install  ## training-step throughput: student, KD, AT, AT+KD (see docs/benchmarks.md)
 	$(PY) scripts/bench_step.py
+
+bench-data: install  ## data pipeline: images/s of the per-image PIL loader vs atx (docs/benchmarks.md)
+	$(PY) scripts/bench_data.py
