@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +20,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from atx.checkpoints import load_weights
+from atx.checkpoints import load_state, load_state_dict
 from atx.errors import AtxError
 from atx.features import LayerTaps
 from atx.losses import (
@@ -78,7 +81,15 @@ def instantiate_checked(node: DictConfig, where: str, **extra: Any) -> Any:
 
 
 def build_data(cfg: DictConfig) -> Any:
-    return instantiate_checked(cfg.data, "data")
+    """The DataModule (reads nothing yet: images are decoded in ``setup``); its root must exist."""
+    data = instantiate_checked(cfg.data, "data")
+    root = getattr(data, "root", None)
+    if root and not Path(root).expanduser().exists() and not getattr(data, "download", False):
+        raise AtxError(
+            f"data.root='{root}' does not exist: set data.root=<folder holding"
+            f" {getattr(data, 'name', 'the dataset')}>"
+        )
+    return data
 
 
 def build_network(node: DictConfig, where: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -96,6 +107,8 @@ def build_network(node: DictConfig, where: str, num_classes: int, in_channels: i
 
 
 def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """The frozen teacher's architecture; its weights come later (:func:`load_teacher`), once
+    every layer name and shape is checked."""
     if cfg.teacher is None:
         raise AtxError(
             "the distillation terms in use need a teacher: add teacher=<model preset>"
@@ -106,9 +119,31 @@ def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Mod
             "teacher.checkpoint is not set: pass teacher.checkpoint=<teacher run dir, student.pt"
             " export or .ckpt>"
         )
-    teacher = build_network(cfg.teacher, "teacher", num_classes, in_channels)
-    load_weights(teacher, cfg.teacher.checkpoint, "teacher")
-    return freeze(teacher)
+    return freeze(build_network(cfg.teacher, "teacher", num_classes, in_channels))
+
+
+def load_teacher(cfg: DictConfig, teacher: nn.Module, data: Any) -> None:
+    """Load ``teacher.checkpoint`` (``weights_only``) into ``teacher``; a teacher trained for
+    other classes or image channels than ``data`` has is named as such."""
+    path = cfg.teacher.checkpoint
+    state = load_state_dict(path)
+    classifier = [n for n, m in teacher.named_modules() if isinstance(m, nn.Linear)][-1:]
+    first_conv = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d)][:1]
+    name = getattr(data, "name", "the data")
+    checks = ((classifier, 0, data.num_classes, "classes"),
+              (first_conv, 1, data.in_channels, "image channels"))  # fmt: skip
+    for module, dim, wanted, what in checks:
+        w = state.get(f"{module[0]}.weight") if module else None
+        if isinstance(w, Tensor) and w.dim() > dim and w.shape[dim] != wanted:
+            raise AtxError(
+                f"teacher.checkpoint '{path}' is for {w.shape[dim]} {what} ({module[0]}.weight is"
+                f" {tuple(w.shape)}) but {name} has {wanted}: give a teacher trained on {name}"
+            )
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()),
+               None)  # fmt: skip
+    if bad is not None:
+        raise AtxError(f"teacher.checkpoint '{path}' holds NaN/inf values in '{bad}': it is broken")
+    load_state(teacher, state, path, "teacher")
 
 
 def resolve_layers(spec: Any, model_name: str, key: str) -> list[str]:
@@ -205,11 +240,32 @@ def check_pair_shapes(
     return [(student_shapes[s][1], teacher_shapes[t][1]) for s, t in plan.fact]
 
 
-def build_schedule(value: float, node: DictConfig, key: str, max_epochs: int) -> Schedule:
+def check_milestones(milestones: Any, key: str) -> None:
+    """Epoch milestones: strictly increasing integers >= 0."""
+    ms = list(milestones)
+    if any(m < 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+        raise AtxError(f"{key}={ms} must be strictly increasing epochs >= 0, e.g. [60,120,160]")
+
+
+def check_schedule(node: DictConfig, key: str) -> None:
     if node.kind not in ("constant", "step", "linear"):
         raise AtxError(
             f"{key}.schedule.kind='{node.kind}' is unknown; use constant, step or linear"
         )
+    check_milestones(node.milestones, f"{key}.schedule.milestones")
+    for name in ("gamma", "final"):
+        check_number(node[name], f"{key}.schedule.{name}", low=0.0)
+
+
+def check_number(value: float, key: str, low: float, strict: bool = False, hint: str = "") -> None:
+    """``value`` must be finite and ``>= low`` (``> low`` when ``strict``)."""
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        op = ">" if strict else ">="
+        raise AtxError(f"{key}={value} must be a finite number {op} {low:g}{hint}")
+
+
+def build_schedule(value: float, node: DictConfig, key: str, max_epochs: int) -> Schedule:
+    check_schedule(node, key)
     return Schedule(value, node.kind, list(node.milestones), node.gamma, node.final, max_epochs)
 
 
@@ -217,17 +273,96 @@ def check_distill(d: DictConfig) -> None:
     """Value checks of the distill group (keys are already checked by the schema)."""
     if not 0 <= d.kd.alpha <= 1:
         raise AtxError(f"distill.kd.alpha={d.kd.alpha} must lie in [0, 1] (0 turns KD off)")
-    if d.kd.temperature <= 0:
-        raise AtxError(f"distill.kd.temperature={d.kd.temperature} must be > 0")
+    check_number(d.kd.temperature, "distill.kd.temperature", 0.0, strict=True)
     for term in ("at", "fact", "grad_at", "symmetry", "min_l2"):
-        if d[term].beta < 0:
-            raise AtxError(f"distill.{term}.beta={d[term].beta} must be >= 0 (0 turns it off)")
-    if d.at.p <= 0:
-        raise AtxError(f"distill.at.p={d.at.p} must be > 0")
+        check_number(d[term].beta, f"distill.{term}.beta", 0.0, hint=" (0 turns it off)")
+        check_schedule(d[term].schedule, f"distill.{term}")
+    check_number(d.at.p, "distill.at.p", 0.0, strict=True)
     if d.at.mode not in ("sum", "max"):
         raise AtxError(f"distill.at.mode='{d.at.mode}' is unknown; use sum or max")
     if d.at.reduction not in ("code", "paper"):
         raise AtxError(f"distill.at.reduction='{d.at.reduction}' is unknown; use code or paper")
+
+
+def check_optim(o: DictConfig) -> None:
+    """SGD settings torch would only reject at the first step (or never)."""
+    check_number(o.lr, "optim.lr", 0.0, strict=True)
+    check_number(o.momentum, "optim.momentum", 0.0)
+    check_number(o.weight_decay, "optim.weight_decay", 0.0)
+    check_number(o.gamma, "optim.gamma", 0.0, strict=True)
+    check_milestones(o.milestones, "optim.milestones")
+    if o.nesterov and o.momentum == 0:
+        raise AtxError("optim.nesterov=true needs optim.momentum > 0")
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """Top-level options: figures and the policy for non-finite losses (``atx.numerics``)."""
+    for key in ("figure_images", "figure_every_n_epochs"):
+        if cfg[key] < 0:
+            raise AtxError(f"{key}={cfg[key]} must be >= 0 (0 turns it off)")
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise AtxError(f"nan_policy='{cfg.nan_policy}' is unknown; use stop or skip")
+    if cfg.nan_skip_limit < 1:
+        raise AtxError(f"nan_skip_limit={cfg.nan_skip_limit} must be >= 1")
+    devices = device_count(cfg.trainer.get("devices", "auto"))
+    if cfg.nan_policy == "skip" and ((devices or 1) > 1 or cfg.trainer.get("num_nodes", 1) > 1):
+        raise AtxError(
+            "nan_policy=skip works on one device only (Lightning cannot skip a step under DDP):"
+            " use nan_policy=stop or trainer.devices=1"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def device_count(devices: Any) -> int | None:
+    """How many devices ``trainer.devices`` asks for (None: 'auto' or -1, i.e. all there are)."""
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if _is_int(devices):
+        return None if devices == -1 else devices
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        return len([d for d in devices.split(",") if d.strip()])
+    if devices == "auto":
+        return None
+    raise AtxError(f"trainer.devices={devices!r} is not a count, a list of ids or auto")
+
+
+def check_trainer(t: DictConfig) -> None:
+    """Values of the Trainer group Lightning would reject late (or never): epochs, and more
+    devices than this machine has (CPU: processes beyond its cores)."""
+    for key in ("max_epochs", "max_steps", "num_nodes", "log_every_n_steps"):
+        if t.get(key) is not None and not _is_int(t[key]):
+            raise AtxError(f"trainer.{key}={t[key]!r} must be an integer")
+    epochs, steps = t.get("max_epochs"), t.get("max_steps", -1)
+    if epochs is not None and epochs < 1 and not (epochs == -1 and steps > 0):
+        raise AtxError(f"trainer.max_epochs={epochs} must be >= 1 (or -1 with trainer.max_steps>0)")
+    wanted = device_count(t.get("devices", "auto"))
+    accelerator = str(t.get("accelerator", "auto")).lower()
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        have = torch.cuda.device_count()
+        if have == 0:
+            raise AtxError(
+                f"trainer.accelerator={t.accelerator} but this machine has no CUDA GPU: use"
+                " trainer=cpu (or trainer.accelerator=cpu)"
+            )
+        if wanted is not None and wanted > have:
+            raise AtxError(
+                f"trainer.devices={t.devices} asks for {wanted} GPUs but this machine has {have}:"
+                f" set trainer.devices<={have}"
+            )
+    elif accelerator == "cpu" and wanted is not None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if wanted > (cores or 1):
+            raise AtxError(
+                f"trainer.devices={t.devices} asks for {wanted} CPU processes but this machine"
+                f" has {cores} cores: set trainer.devices<={cores}"
+            )
 
 
 def teacher_given(cfg: DictConfig) -> bool:
