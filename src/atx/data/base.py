@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from atx.data import cache as disk_cache
 from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
+from atx.data.sampler import ResumableRandomSampler
 from atx.errors import AtxError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -204,7 +205,9 @@ class TensorImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.x_train is not None and self.y_train is not None, "call setup() first"
-        return self._loader(TensorPairDataset(self.x_train, self.y_train), shuffle=True)
+        dataset = TensorPairDataset(self.x_train, self.y_train)
+        # RandomSampler's order, restartable mid-epoch (atx.resume)
+        return self._loader(dataset, shuffle=False, sampler=ResumableRandomSampler(dataset))
 
     def val_dataloader(self) -> DataLoader:
         assert self.x_val is not None and self.y_val is not None, "call setup() first"

@@ -1,0 +1,262 @@
+"""Resume after SIGKILL / SIGTERM, atomic checkpoints, teacher hash, run-dir ownership.
+
+One scenario with the real ``atx-train`` in subprocesses (module fixture), tiny AT run of 2
+epochs x 6 steps with a step checkpoint every 2 steps:
+
+- reference: uninterrupted, as a 1-job sweep (``-m`` with a pinned sweep dir);
+- interrupted: SIGKILL once ``step-2.ckpt`` exists (mid-epoch 0) -> ``resume=<dir>`` -> SIGTERM
+  once ``step-8.ckpt`` exists (mid-epoch 1) -> the two newest checkpoints truncated -> resume
+  again from the epoch-0 end checkpoint to the end.
+
+The interrupted run must end with exactly the reference's weights (deterministic mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from configs import compose_cfg
+from wandb_records import summarise
+
+from atx.data.sampler import ResumableRandomSampler
+from atx.errors import AtxError
+from atx.models import build_model
+from atx.resume import AtomicCheckpointIO, newest_checkpoint
+from atx.run_dir import claim_run_dir, expand_resume_argv
+
+ROOT = Path(__file__).parents[1]
+RUN = [
+    "model.depth=10",
+    "distill=at",
+    "teacher=wrn_16_2",
+    "teacher.depth=10",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.deterministic=true",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "data.train_subset=48",  # 6 steps per epoch
+    "data.val_subset=16",
+    "data.batch_size=8",
+    "checkpoint.every_n_steps=2",
+    "figure_images=0",
+    "logger=csv",
+]
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "atx.train", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def signal_at(proc: subprocess.Popen[str], file: Path, sig: int) -> None:
+    """Send ``sig`` as soon as ``file`` exists (checkpoints appear whole: atomic rename)."""
+    deadline = time.monotonic() + 240
+    while not file.exists():
+        assert proc.poll() is None, f"run ended before {file.name}: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {file.name}"
+        time.sleep(0.02)
+    os.kill(proc.pid, sig)
+
+
+def student(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "student.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    model = build_model("wrn", num_classes=10, in_channels=1, depth=10, width=2)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, teacher_pt) -> dict:
+    base = tmp_path_factory.mktemp("runs")
+    args = [*RUN, f"teacher.checkpoint={teacher_pt}"]
+    out: dict = {"args": args, "sweep": base / "sweep", "run": base / "run"}
+    run = out["run"]
+    reference = start(["-m", *args, f"hydra.sweep.dir={out['sweep']}"])
+    out["reference"] = finish(reference)
+
+    killed = start([*args, f"hydra.run.dir={run}"])
+    signal_at(killed, run / "checkpoints" / "step-2.ckpt", signal.SIGKILL)
+    out["killed"] = finish(killed)
+    out["wrong_teacher"] = _wrong_teacher(run, args, teacher_pt)
+
+    wandb = {"WANDB_MODE": "offline"}
+    terminated = start([f"resume={run}", "logger=wandb"], env=wandb)
+    signal_at(terminated, run / "checkpoints" / "step-8.ckpt", signal.SIGTERM)
+    out["terminated"] = finish(terminated)
+    out["interrupted_exists"] = (run / "checkpoints" / "interrupted.ckpt").is_file()
+
+    for name in ("interrupted.ckpt", "step-8.ckpt"):  # a crash while writing, twice over
+        ckpt = run / "checkpoints" / name
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    out["resumed"] = finish(start([f"resume={run}", "logger=wandb"], env=wandb))
+    job = out["sweep"] / "0"
+    out["stamps"] = [(job / f).stat().st_mtime_ns for f in ("student.pt", "metrics.json")]
+    out["relaunched"] = finish(start(["-m", *args, f"hydra.sweep.dir={out['sweep']}"]))
+    return out
+
+
+def _wrong_teacher(run: Path, args: list[str], teacher_pt: Path) -> str:
+    """Resuming with another teacher file is refused (in process: the claim alone)."""
+    other = teacher_pt.with_name("other.pt")
+    state = torch.load(teacher_pt, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
+    cfg = compose_cfg([*args, f"teacher.checkpoint={other}", f"resume={run}"])
+    with pytest.raises(AtxError) as info:
+        claim_run_dir(cfg, run)
+    return str(info.value)
+
+
+def test_sigkill_sigterm_and_corrupt_checkpoints_resume_to_the_same_weights(runs):
+    rc, err = runs["reference"]
+    assert rc == 0, err[-3000:]
+    assert runs["killed"][0] == -signal.SIGKILL
+    rc, err = runs["terminated"]
+    assert rc == 143, err[-3000:]
+    assert runs["interrupted_exists"]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("atx: error: interrupted by SIGTERM at step ")
+    assert last.endswith(f"resume with: atx-train resume={runs['run']}")
+    assert "resuming" in err and "step-2.ckpt" in err  # SIGKILL lost at most 2 steps
+    rc, err = runs["resumed"]
+    assert rc == 0, err[-3000:]
+    assert "skipping unreadable checkpoint" in err and "interrupted.ckpt" in err
+    assert "ckpt (epoch 0, step 6)" in err  # the epoch-end one: last or best
+
+    reference, resumed = student(runs["sweep"] / "0"), student(runs["run"])
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    ref_metrics = json.loads((runs["sweep"] / "0" / "metrics.json").read_text())
+    metrics = json.loads((runs["run"] / "metrics.json").read_text())
+    assert metrics["val/error"] == ref_metrics["val/error"]
+    assert metrics["epochs"] == 2
+
+
+def test_resumed_runs_continue_one_wandb_run(runs):
+    run = runs["run"]
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2  # the SIGTERM-ed launch and the final one
+    ids = {summarise(f)["id"] for f in files}
+    assert ids == {(run / "wandb_id.txt").read_text().strip()}
+
+
+def test_teacher_hash_mismatch_is_refused(runs):
+    message = runs["wrong_teacher"]
+    assert "is not the teacher checkpoint" in message and "give that teacher file" in message
+
+
+def test_checkpoints_are_student_sized_with_teacher_identity(runs, teacher_pt):
+    ckpt_path = runs["sweep"] / "0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+    student_bytes = (runs["sweep"] / "0" / "student.pt").stat().st_size
+    teacher_bytes = teacher_pt.stat().st_size
+    # weights + SGD momentum + loop state: well under what a teacher copy would add
+    assert ckpt_path.stat().st_size < 2 * student_bytes + teacher_bytes // 2
+    assert ckpt["atx"]["teacher"]["path"] == str(teacher_pt.resolve())
+    assert len(ckpt["atx"]["teacher"]["sha256"]) == 64
+
+
+def test_finished_sweep_job_is_skipped_not_overwritten(runs):
+    rc, err = runs["relaunched"]
+    assert rc == 0, err[-3000:]
+    assert "has finished already: skipped" in err
+    job = runs["sweep"] / "0"
+    assert [(job / f).stat().st_mtime_ns for f in ("student.pt", "metrics.json")] == runs["stamps"]
+
+
+def test_another_config_in_a_used_dir_is_refused_and_its_hydra_files_kept(runs):
+    job = runs["sweep"] / "0"
+    original = (job / ".hydra" / "config.yaml").read_text()
+    (job / ".hydra" / "config.yaml").write_text("seed: 1\n")  # as Hydra rewrites it
+    cfg = compose_cfg([*runs["args"], "seed=1"])
+    with pytest.raises(AtxError, match=r"belongs to another run \(seed=0 there, 1 here\)"):
+        claim_run_dir(cfg, job)
+    assert (job / ".hydra" / "config.yaml").read_text() == original
+
+
+def test_resume_refuses_a_changed_config(runs):
+    cfg = compose_cfg([*runs["args"], "distill.at.beta=5", f"resume={runs['run']}"])
+    with pytest.raises(AtxError, match=r"distill\.at\.beta=5\.0 differs from the run's"):
+        claim_run_dir(cfg, runs["run"])
+
+
+def test_dir_with_foreign_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(AtxError, match="already holds files not written by an atx run"):
+        claim_run_dir(compose_cfg(["logger=csv"]), tmp_path)
+
+
+def test_resume_argv_takes_the_runs_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATX_RESUME_EXPANDED", raising=False)
+    (tmp_path / ".atx" / ".hydra").mkdir(parents=True)
+    (tmp_path / ".atx" / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump(["model.depth=10", "trainer.max_epochs=2", f"resume={tmp_path}"])
+    )
+    argv = expand_resume_argv([f"resume={tmp_path}", "trainer.max_epochs=5"])
+    assert argv == ["model.depth=10", "trainer.max_epochs=5", f"resume={tmp_path.resolve()}",
+                    f"hydra.run.dir={tmp_path.resolve()}"]  # fmt: skip
+    assert expand_resume_argv(argv) == argv  # DDP ranks re-run the expanded command line
+    monkeypatch.delenv("ATX_RESUME_EXPANDED")
+    with pytest.raises(SystemExit):
+        expand_resume_argv([f"resume={tmp_path / 'nothing'}"])
+
+
+def test_sampler_matches_random_sampler_and_resumes_mid_epoch():
+    data = list(range(50))
+    torch.manual_seed(3)
+    expected = list(torch.utils.data.RandomSampler(data))
+    torch.manual_seed(3)
+    sampler = ResumableRandomSampler(data)
+    assert list(sampler) == expected
+    sampler.resume_point = (sampler.epoch_seed, 20)
+    assert list(sampler) == expected[20:]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "loops": {}}, path)
+
+    def crash(obj, f):  # dies half-way through writing
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("atx.resume.torch.save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "loops": {}}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left
+    found = newest_checkpoint_in(tmp_path)
+    assert torch.equal(found["state_dict"]["w"], torch.ones(3))
+
+
+def newest_checkpoint_in(folder: Path) -> dict:
+    run = folder / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for p in folder.glob("*.ckpt"):
+        p.rename(run / "checkpoints" / p.name)
+    found = newest_checkpoint(run)
+    assert found is not None
+    return found[1]
