@@ -5,6 +5,7 @@ Weights are never downloaded: pass `weights_path` to a local torchvision-format 
 """
 
 import difflib
+import pickle
 from pathlib import Path
 
 import torch
@@ -74,6 +75,11 @@ def load_weights(model: nn.Module, weights_path: str) -> None:
         raise AtxError(f"weights file '{weights_path}' not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickled object, not plain tensors: never run it
+        raise AtxError(
+            f"refused to load weights file '{weights_path}': it is not a plain tensor checkpoint"
+            f" (weights_only=True rejected it: {str(e).splitlines()[0][:120]})"
+        ) from None
     except Exception as e:  # any unreadable file is a user error
         raise AtxError(f"cannot read weights file '{weights_path}': {e}".splitlines()[0]) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -113,6 +119,9 @@ def pretrained_weights_file(arch: str, weights: str) -> str:
         raise AtxError(msg) from None
     from torch.hub import get_dir, load_state_dict_from_url
 
+    cached = Path(get_dir()) / "checkpoints" / Path(enum.url).name
+    if cached.is_file():  # read once, by load_weights (weights_only, refused if not tensors)
+        return str(cached)
     try:
         load_state_dict_from_url(enum.url, map_location="cpu", progress=False, weights_only=True)
     except Exception as e:
@@ -121,7 +130,7 @@ def pretrained_weights_file(arch: str, weights: str) -> str:
             f"({type(e).__name__}); offline, download the file elsewhere and pass "
             "model.weights_path=<file>"
         ) from None
-    return str(Path(get_dir()) / "checkpoints" / Path(enum.url).name)
+    return str(cached)
 
 
 def torchvision(
