@@ -25,7 +25,7 @@ def teacher_pt(tmp_path_factory) -> Path:
     return path
 
 
-def test_multirun_sweep_beta_by_p_with_wandb_offline(tmp_path, teacher_pt):
+def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher_pt):
     sweep = tmp_path / "sweep"
     result = atx_train(
         [
@@ -37,6 +37,8 @@ def test_multirun_sweep_beta_by_p_with_wandb_offline(tmp_path, teacher_pt):
             f"teacher.checkpoint={teacher_pt}",
             "distill.at.beta=500,1000",
             "distill.at.p=1,2",
+            "distill.at.student_layers=all,[group3]",  # a preset and a free list
+            "trainer.max_epochs=2",
             "logger=wandb",
             "name=sweep_test",
             f"hydra.sweep.dir={sweep}",
@@ -45,30 +47,34 @@ def test_multirun_sweep_beta_by_p_with_wandb_offline(tmp_path, teacher_pt):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    assert sorted(int(j.name) for j in jobs) == list(range(8))
     seen, run_ids = set(), set()
     for job in jobs:
         assert (job / "student.pt").is_file() and (job / "metrics.json").is_file()
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        seen.add((cfg["distill"]["at"]["beta"], cfg["distill"]["at"]["p"]))
+        at = cfg["distill"]["at"]
+        seen.add((at["beta"], at["p"], str(at["student_layers"])))
         (run_file,) = list(job.glob("wandb/offline-run-*/run-*.wandb"))  # one W&B run per job
         run = summarise(run_file)
         run_ids.add(run["id"])
         assert run["group"] == str(sweep)  # grouped by sweep
-        beta, p = cfg["distill"]["at"]["beta"], cfg["distill"]["at"]["p"]  # named by the sweep
-        assert run["name"] == f"sweep_test distill.at.beta={beta:g} distill.at.p={p:g}"
+        layers = "all" if at["student_layers"] == "all" else "[group3]"  # named by the sweep
+        assert run["name"] == (f"sweep_test distill.at.beta={at['beta']:g} "
+                               f"distill.at.p={at['p']:g} distill.at.student_layers={layers}")
         assert {"distill:at", "model:wrn_16_1", "teacher:wrn_16_2"} <= set(run["tags"])
         assert run["config"]["distill.at.beta"] == str(cfg["distill"]["at"]["beta"])
-        assert {"val/error", "train/at/group1_epoch", "weight/at"} <= run["history_keys"]
+        assert {"val/error", "train/at/group3_epoch", "weight/at"} <= run["history_keys"]
+        assert ("train/at/group1_epoch" in run["history_keys"]) == (layers == "all")
         assert run["images"] >= 1  # the attention figure
-    assert seen == {(500.0, 1.0), (500.0, 2.0), (1000.0, 1.0), (1000.0, 2.0)}
-    assert len(run_ids) == 4
-    # atx-report on the real sweep: one row per (beta, p), plots against both
+    assert seen == {(b, p, s) for b in (500.0, 1000.0) for p in (1.0, 2.0)
+                    for s in ("all", "['group3']")}  # fmt: skip
+    assert len(run_ids) == 8
+    # atx-report on the real sweep: one row per (beta, p, layers), plots against beta and p
     rows = report(sweep)
-    assert len(rows) == 4 and all(r["seeds"] == 1 for r in rows)
-    assert {(r["distill.at.beta"], r["distill.at.p"]) for r in rows} == seen
-    assert (sweep / "report_error_vs_beta.png").is_file()
-    assert (sweep / "report_error_vs_p.png").is_file()
+    assert len(rows) == 8 and all(r["seeds"] == 1 for r in rows)
+    assert {(r["distill.at.beta"], r["distill.at.p"]) for r in rows} == {s[:2] for s in seen}
+    for plot in ("error_vs_beta", "error_vs_p", "transfer_losses"):
+        assert (sweep / f"report_{plot}.png").stat().st_size > 1000
 
 
 def test_config_typo_is_one_message_without_traceback(tmp_path):

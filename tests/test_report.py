@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atx.report import main, report
+from atx.paper import PAPER_ERRORS
+from atx.report import loss_curves, main, report
 
 
 def fake_run(root: Path, name: str, overrides: list[str], seed: int, last: float, best: float,
@@ -40,7 +41,8 @@ def test_rows_group_seeds_with_hand_computed_statistics(tmp_path):
     assert a["agreement/group1"] == pytest.approx(0.6) and "agreement/group1" not in b
     assert b["last_mean"] == pytest.approx(8.5) and b["best_mean"] == pytest.approx(7.5)
     md = (tmp_path / "report.md").read_text()
-    assert "| `distill.at.beta=500` | 3 | 12.00 ± 2.00 (12.00) | 9.50 ± 0.50 (9.50) | 0.600 |" in md
+    row = "| `distill.at.beta=500` | 3 | 12.00 ± 2.00 (12.00) | 9.50 ± 0.50 (9.50) | - | 0.600 |"
+    assert row in md
     with (tmp_path / "report.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 2
     assert (tmp_path / "report_error_vs_beta.png").stat().st_size > 1000
@@ -51,3 +53,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "atx-report: error: " in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
     assert "no finished runs under" in capsys.readouterr().err
+
+
+def test_paper_numbers_and_transfer_loss_curves(tmp_path):
+    """A run composed from a paper preset shows the paper's error beside it; the per-group AT
+    losses of its metrics.csv are averaged over seeds and plotted."""
+    for seed, distill, scale in [(0, "at_sum_p1", 1.0), (1, "at_sum_p1", 3.0), (0, "none", 0.0)]:
+        name = f"{distill}{seed}"
+        fake_run(tmp_path, name, [f"distill={distill}"], seed, 8.0 + seed, 7.5, 1000.0)
+        choices = {"experiment": "t2_wrn_16_1-wrn_16_2", "distill": distill}
+        (tmp_path / name / ".hydra" / "hydra.yaml").write_text(
+            yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}})
+        )
+        if scale:
+            (tmp_path / name / "csv").mkdir()
+            lines = ["epoch,step,train/at/group1_epoch,train/at/group2_epoch,train/loss_epoch"]
+            lines += [f"{e},{e * 10},{scale * (2 - e)},{scale * (4 - e)},9" for e in (0, 1)]
+            (tmp_path / name / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    rows = {r["config"]: r for r in report(tmp_path)}
+    assert rows["distill=at_sum_p1"]["paper_error"] == pytest.approx(7.99)
+    assert rows["distill=none"]["paper_error"] == pytest.approx(8.77)
+    assert "| 7.99 (Table 2) |" in (tmp_path / "report.md").read_text()
+    curves = [loss_curves(d) for d in rows["distill=at_sum_p1"]["dirs"]]
+    assert curves[1] == {"at/group1": {0: 6.0, 1: 3.0}, "at/group2": {0: 12.0, 1: 9.0}}
+    assert (tmp_path / "report_transfer_losses.png").stat().st_size > 1000
+
+
+def test_paper_rows_name_existing_presets():
+    conf = Path(__file__).parents[1] / "conf"
+    for experiment, distill in PAPER_ERRORS:
+        assert (conf / "experiment" / f"{experiment}.yaml").is_file(), experiment
+        assert (conf / "distill" / f"{distill}.yaml").is_file(), distill

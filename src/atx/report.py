@@ -4,8 +4,10 @@ A finished run is a directory holding ``metrics.json`` and ``.hydra/overrides.ya
 ``atx-train`` writes). Runs whose overrides differ only in ``seed`` form one row: mean ± std
 and median over seeds of the last-epoch and the best-epoch test error (the paper reports the
 median of 5 seeds of the last epoch), plus the attention agreement per group when measured.
-Writes ``report.md``, ``report.csv`` and, for each swept number among beta and p, a plot of
-error against it.
+Rows composed from a paper preset (``experiment=t1_...`` etc. with a ``distill`` preset) show
+the paper's number beside ours (:mod:`atx.paper`, verified numbers only). Writes ``report.md``,
+``report.csv``, for each swept number among beta and p a plot of error against it, and the
+per-epoch transfer loss of every layer group (``report_transfer_losses.png``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import yaml
 
 from atx.errors import AtxError
+from atx.paper import paper_error
 
 IGNORED = ("seed=", "hydra.", "teacher.checkpoint=")  # not part of a row's identity
 PLOTTED = ("distill.at.beta", "distill.at.p")
@@ -37,7 +40,11 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
             continue
         overrides = yaml.safe_load(overrides_file.read_text()) or []
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+        hydra_file = run_dir / ".hydra" / "hydra.yaml"
+        hydra_cfg = yaml.safe_load(hydra_file.read_text()) if hydra_file.is_file() else {}
+        choices = ((hydra_cfg or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
         runs.append({
+            "choices": choices,
             "dir": run_dir,
             "overrides": [o for o in overrides if not o.lstrip("+~").startswith(IGNORED)],
             "seed": config.get("seed"),
@@ -92,6 +99,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[k.replace("val/", "")] = statistics.fmean(values)
         for dotted in PLOTTED:
             row[dotted] = _select(members[0]["config"], dotted)
+        choices = members[0]["choices"]
+        paper = paper_error(choices.get("experiment"), choices.get("distill"))
+        if paper is not None:
+            row["paper_table"], row["paper_error"] = paper
+        row["dirs"] = [r["dir"] for r in members]
         rows.append(row)
     return sorted(rows, key=lambda r: r["config"])
 
@@ -105,26 +117,28 @@ def _cell(row: dict[str, Any], name: str) -> str:
 def write_markdown(rows: list[dict[str, Any]], path: Path, common: list[str]) -> None:
     agreement = sorted({k for r in rows for k in r if k.startswith("agreement/")})
     head = ["config", "seeds", "last-epoch error % mean ± std (median)",
-            "best-epoch error % mean ± std (median)", *agreement]  # fmt: skip
+            "best-epoch error % mean ± std (median)", "paper", *agreement]  # fmt: skip
     lines = [f"All runs: `{' '.join(common)}`" if common else "", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows:
-        cells = [f"`{r['config']}`", str(r["seeds"]), _cell(r, "last"), _cell(r, "best")]
+        paper = f"{r['paper_error']:.2f} ({r['paper_table']})" if "paper_error" in r else "-"
+        cells = [f"`{r['config']}`", str(r["seeds"]), _cell(r, "last"), _cell(r, "best"), paper]
         cells += [f"{r[k]:.3f}" if k in r else "-" for k in agreement]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
+    fields = list(dict.fromkeys(k for r in rows for k in r if k != "dirs"))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Median last-epoch error against each swept number (beta, p), one line per other value."""
+    """Median last-epoch error against each swept number (beta, p), a line per setting of
+    the other overrides that vary."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,12 +149,14 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         values = {r[x_key] for r in rows if r[x_key] is not None}
         if len(values) < 2:
             continue
-        other = next(k for k in PLOTTED if k != x_key)
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        for o in sorted({r[other] for r in rows}, key=str):
-            pts = sorted((r[x_key], r["last_median"]) for r in rows
-                         if r[other] == o and r[x_key] is not None)  # fmt: skip
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{other.split('.')[-1]}={o}")
+        lines: dict[str, list[tuple[float, float]]] = {}  # a line per value of the other keys
+        for r in rows:
+            if r[x_key] is not None:
+                rest = [o for o in r["config"].split() if not o.startswith(f"{x_key}=")]
+                lines.setdefault(" ".join(rest), []).append((r[x_key], r["last_median"]))
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for label, pts in sorted(lines.items()):
+            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label or "(all)")
         ax.set_xlabel(x_key)
         ax.set_ylabel("test error % (median over seeds)")
         if x_key.endswith("beta"):
@@ -152,6 +168,73 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+TRANSFER_TERMS = ("at/", "fact/", "grad_at", "symmetry", "min_l2", "kd")
+
+
+def loss_curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Per-epoch transfer losses of one run from its ``csv/metrics.csv``: ``{term: {epoch: v}}``
+    for every ``train/<term>_epoch`` column of a transfer term (per layer group for AT/F-ActT)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    curves: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as f:
+        for line in csv.DictReader(f):
+            for key, value in line.items():
+                if not (key and value and key.startswith("train/") and key.endswith("_epoch")):
+                    continue
+                term = key[len("train/") : -len("_epoch")]
+                if term.startswith(TRANSFER_TERMS) and line.get("epoch"):
+                    curves.setdefault(term, {})[int(float(line["epoch"]))] = float(value)
+    return curves
+
+
+def write_loss_plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """One panel per transfer term / layer group: its epoch mean against the epoch, one line per
+    row (mean over the row's seeds)."""
+    per_row = []
+    for r in rows:
+        runs = [loss_curves(d) for d in r["dirs"]]
+        terms = sorted({t for c in runs for t in c})
+        mean = {}
+        for t in terms:
+            epochs = sorted({e for c in runs for e in c.get(t, {})})
+            mean[t] = [(e, statistics.fmean(c[t][e] for c in runs if e in c.get(t, {})))
+                       for e in epochs]  # fmt: skip
+        per_row.append((r["config"], mean))
+    terms = sorted({t for _, m in per_row for t in m})
+    if not terms:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colours = plt.get_cmap("tab20" if len(per_row) > 10 else "tab10").colors
+    legend_rows = (len(per_row) + 1) // 2
+    height = 3.0 + 0.2 * legend_rows  # inches: the panels, then the legend below them
+    fig, axes = plt.subplots(1, len(terms), figsize=(max(7.0, 3.4 * len(terms)), height),
+                             squeeze=False)  # fmt: skip
+    for ax, term in zip(axes[0], terms, strict=True):
+        for i, (label, mean) in enumerate(per_row):  # one colour per row in every panel
+            if mean.get(term):
+                ax.plot(*zip(*mean[term], strict=True), marker=".", label=label or "(all)",
+                        color=colours[i % len(colours)])  # fmt: skip
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].set_ylabel("transfer loss (epoch mean)")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", fontsize=7,
+               ncol=max(1, min(2, len(handles))), frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1))
+    path = out / "report_transfer_losses.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def report(root: Path, out: Path | None = None) -> list[dict[str, Any]]:
@@ -167,6 +250,7 @@ def report(root: Path, out: Path | None = None) -> list[dict[str, Any]]:
     write_markdown(rows, out / "report.md", common_overrides(runs))
     write_csv(rows, out / "report.csv")
     write_plots(rows, out)
+    write_loss_plot(rows, out)
     return rows
 
 
