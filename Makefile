@@ -27,8 +27,8 @@ test: install  ## the whole test suite (CPU, offline, < 10 min on 2 cores)
 lint: install
 	$(VENV)/bin/ruff check src tests scripts
 
-bench: install  ## training-step throughput: student, KD, AT, AT+KD (see docs/benchmarks.md)
-	$(PY) scripts/bench_step.py
+bench: install  ## step throughput and memory: atx vs raw loop vs authors' step, speed options (docs/benchmarks.md)
+	$(PY) scripts/bench.py
 
 bench-data: install  ## data pipeline: images/s of the per-image PIL loader vs atx (docs/benchmarks.md)
 	$(PY) scripts/bench_data.py

@@ -1,75 +1,147 @@
-"""Training-step throughput of the real atx path: WRN-16-1 student, WRN-16-2 teacher.
+"""Training-step throughput and memory of atx against a bare loop and the authors' step.
 
-    .venv/bin/python scripts/bench_step.py                      # Trainer and manual loop
-    .venv/bin/python scripts/bench_step.py --trainer --steps 40 # Trainer path only
+    .venv/bin/python scripts/bench.py            # the full run (<= 8 min on a quiet 2-core box)
+    .venv/bin/python scripts/bench.py --quick    # seconds: tiny batches, every row, 2 probes
 
-Times, in one process, one training step of ``atx.module.DistillModule`` for each objective
-(built from the repo's Hydra presets by ``atx.build``, exactly as ``atx-train`` builds it):
+WRN-16-1 student, WRN-16-2 teacher, batches of 128 random 3x32x32 images, CPU. One process
+times, in round-robin blocks (machine noise hits every row alike), one training step of:
 
-* ``teacher forward``: the teacher alone, eval mode, under ``torch.no_grad()``;
-* ``student``: distill=none (CE only), no teacher;
-* ``KD`` (alpha 0.9, T 4), ``AT`` (beta 1e3, F^2_sum, group1..group3 of both),
-  ``AT+KD``, ``F-ActT`` (1x1 conv adapters, the teacher is twice as wide): distill=kd, at,
-  at_kd, fact.
+* ``atx``: the real path, ``atx.module.DistillModule`` built by ``atx.build`` from the repo's
+  presets (``distill=none|kd|at|at_kd|fact|grad_at``), fitted by a ``lightning.Trainer``; a
+  callback times ``on_train_batch_start`` -> ``on_train_batch_end``;
+* ``raw``: a bare PyTorch loop over the same modules, loss functions (``atx.losses.kd_loss``,
+  ``atx.attention.at_loss``, forward hooks for the groups) and SGD: our own baseline;
+* ``authors``: the step of the authors' released code (szagoruyko/attention-transfer,
+  ``cifar.py``): functional WRN on a dict of tensors, their ``at``/``at_loss``/``distillation``
+  from ``utils.py``, ``.item()`` of every group loss, SGD;
+* ``forward``: the teacher alone under ``no_grad`` (and forward + backward to its input,
+  what grad-AT needs), the lower bounds of the ratios;
+* speed options of ``atx`` AT+KD: ``channels_last``, ``bf16-mixed``, a bf16 teacher under
+  ``inference_mode``, ``torch.compile``, and all correct ones together ("fastest").
 
-A step is student forward + teacher forward (no_grad) + objective + backward + SGD step (lr 0.1,
-momentum 0.9, wd 5e-4). Two paths time it:
-
-* ``trainer``: a real ``lightning.Trainer`` fits the module on pre-generated batches; a Callback
-  times ``on_train_batch_start`` -> ``on_train_batch_end`` (what Lightning runs per step,
-  ``self.log`` included). The Trainer is re-created for each block of steps.
-* ``manual``: ``module.training_step`` + ``loss.backward()`` + ``opt.step()`` +
-  ``opt.zero_grad(set_to_none=True)`` in a plain loop (``self.log`` returns at once here).
-
-Configurations are interleaved in round-robin blocks of steps, so machine noise hits all of them
-alike; each runner's first ``--warmup`` steps are discarded. Ratios compare a distillation step
-with its lower bound, student step + teacher forward.
+Then fresh subprocesses ("probes") run one row each to measure what a shared process cannot:
+peak memory (``ru_maxrss`` high-water above the built state) and page faults per step
+(``ru_minflt``) under glibc's default allocator, atx's ``mallopt`` and the ``MALLOC_*_`` env vars.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
+import gc
+import json
 import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from atx import build
-from atx.config import OptimConf, register
+from atx.attention import at_loss
+from atx.config import OptimConf, SpeedConf, register
 from atx.gradient_attention import input_gradient
+from atx.losses import kd_loss
 from atx.models import build_model
 from atx.module import DistillModule, freeze
+from atx.speed import MALLOC_ENV, configure_allocator
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-TEACHER = "teacher forward"
-TEACHER_GRAD = "teacher fwd+bwd"  # teacher forward + backward to its input (what grad-AT needs)
-STUDENT = "student"
-# benchmark name -> conf/distill preset
-DISTILL = {STUDENT: "none", "KD": "kd", "AT": "at", "AT+KD": "at_kd", "F-ActT": "fact",
-           "grad-AT": "grad_at", "symmetry": "symmetry", "min-l2": "min_l2"}  # fmt: skip
-CONFIGS = (TEACHER, TEACHER_GRAD, *DISTILL)
-PATHS = ("trainer", "manual")
-NOISY = 1.3  # p90 / p10 above this flags the run as noisy
-
+DISTILL = {
+    "student": "none",
+    "KD": "kd",
+    "AT": "at",
+    "AT+KD": "at_kd",
+    "F-ActT": "fact",
+    "grad-AT": "grad_at",
+    "symmetry": "symmetry",
+    "min-l2": "min_l2",
+}
+NOISY = 1.3  # p90 / p10 above this flags a row as noisy
+GROUPS = ("group1", "group2", "group3")
 Batch = tuple[Tensor, Tensor]
 
 
-# -- building the modules -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One timed configuration: a method on a path, with speed options."""
+
+    method: str  # student | KD | AT | AT+KD | F-ActT | grad-AT | ... | teacher forward | ...
+    path: str  # atx | raw | authors | forward
+    options: str = ""  # label of the speed options ("" = float32, NCHW, eager)
+    channels_last: bool = False
+    precision: str = "32-true"  # the Trainer's precision (raw: bf16 autocast when bf16-mixed)
+    teacher_precision: str = "same"
+    inference_mode: bool = False
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.path == "forward":
+            return self.method
+        return f"{self.method} {self.path}" + (f" {self.options}" if self.options else "")
+
+    @property
+    def speed(self) -> SpeedConf:
+        return SpeedConf(
+            channels_last=self.channels_last,
+            compile=self.compile,
+            teacher_precision=self.teacher_precision,
+            teacher_inference_mode=self.inference_mode,
+        )
+
+
+TEACHER = Row("teacher forward", "forward")
+TEACHER_GRAD = Row("teacher fwd+bwd", "forward")
+ATKD = Row("AT+KD", "atx")
+# the fastest correct options on our 2-core CPUs (bf16 is slower than float32 there, see
+# docs/benchmarks.md); on a GPU add precision="bf16-mixed" / "16-mixed" and compile
+FASTEST = dict(channels_last=True, inference_mode=True)
+ROWS = (
+    TEACHER,
+    TEACHER_GRAD,
+    *(Row(m, "atx") for m in ("student", "KD", "AT", "AT+KD", "F-ActT", "grad-AT")),
+    *(Row(m, "raw") for m in ("student", "KD", "AT", "AT+KD")),
+    *(Row(m, "authors") for m in ("student", "KD", "AT", "AT+KD")),
+    replace(ATKD, options="channels_last", channels_last=True),
+    replace(ATKD, options="bf16-mixed", precision="bf16-mixed"),
+    replace(ATKD, options="teacher bf16+inference", teacher_precision="bf16", inference_mode=True),
+    replace(ATKD, options="compile", compile=True),
+    replace(ATKD, options="fastest", **FASTEST),
+    Row("AT+KD", "raw", "fastest", channels_last=True),  # the same layout, no_grad teacher
+)
+EXTRA_ROWS = (Row("symmetry", "atx"), Row("min-l2", "atx"))  # by --rows only: slow steps
+BY_NAME = {r.name: r for r in (*ROWS, *EXTRA_ROWS)}
+# probes: (row, allocator) in fresh processes; "default" = glibc as shipped (ATX_MALLOC=0)
+PROBES = (
+    (TEACHER.name, "default"),
+    (TEACHER.name, "mallopt"),
+    (TEACHER.name, "env"),
+    ("student atx", "mallopt"),
+    ("AT atx", "mallopt"),
+    ("AT+KD atx", "default"),
+    ("AT+KD atx", "mallopt"),
+    ("AT+KD authors", "default"),
+    ("AT+KD atx fastest", "mallopt"),
+)
+QUICK_PROBES = ((TEACHER.name, "default"), (TEACHER.name, "mallopt"))
+
+
+# -- building the atx modules ------------------------------------------------------------------
 def compose_distill(preset: str, model: str = "wrn_16_1", teacher: str = "wrn_16_2"):
     """The composed train config for ``distill=<preset>`` (what ``atx-train`` would see)."""
     register()
@@ -86,50 +158,43 @@ def compose_distill(preset: str, model: str = "wrn_16_1", teacher: str = "wrn_16
         )
 
 
-def build_module(
-    preset: str,
-    student: nn.Module,
-    teacher: nn.Module,
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-) -> DistillModule:
-    """DistillModule for one distill preset, built like ``atx.train.train`` builds it
-    (teacher weights are random: the checkpoint changes no timing)."""
-    cfg = compose_distill(preset)
+def build_module(row: Row, student: nn.Module, teacher: nn.Module) -> DistillModule:
+    """DistillModule for one row, built like ``atx.train.train`` builds it (the teacher's
+    weights are random: the checkpoint changes no timing)."""
+    cfg = compose_distill(DISTILL[row.method])
     plan = build.plan_layers(cfg)
-    uses_teacher = build.needs_teacher(cfg.distill, plan)
     fact_channels: list[tuple[int, int]] = []
     if plan.student_layers:
-        s_shapes = build.probe_shapes(student, plan.student_layers, image_shape, "student")
-        t_shapes = build.probe_shapes(teacher, plan.teacher_layers, image_shape, "teacher")
-        fact_channels = build.check_pair_shapes(
-            plan, s_shapes, t_shapes, cfg.distill.at.interpolate
-        )
+        s_shapes = build.probe_shapes(student, plan.student_layers, (3, 32, 32), "student")
+        t_shapes = build.probe_shapes(teacher, plan.teacher_layers, (3, 32, 32), "teacher")
+        fact_channels = build.check_pair_shapes(plan, s_shapes, t_shapes, False)
     objective = build.build_objective(cfg.distill, plan, fact_channels, max_epochs=1)
+    uses_teacher = build.needs_teacher(cfg.distill, plan)
     return DistillModule(
         student,
         objective,
-        num_classes,
+        10,
         OptimConf(),
         teacher if uses_teacher else None,
         plan.student_layers,
         plan.teacher_layers,
+        speed=row.speed,
     )
 
 
-def make_batches(n: int, batch_size: int, num_classes: int = 10, seed: int = 0) -> list[Batch]:
+def make_batches(n: int, batch_size: int, seed: int = 0) -> list[Batch]:
     """``n`` distinct random CIFAR-shaped float32 batches."""
     g = torch.Generator().manual_seed(seed)
     return [
         (
             torch.randn(batch_size, 3, 32, 32, generator=g),
-            torch.randint(0, num_classes, (batch_size,), generator=g),
+            torch.randint(0, 10, (batch_size,), generator=g),
         )
         for _ in range(n)
     ]
 
 
-# -- runners: each times `steps` steps and returns seconds per step -----------------------
+# -- runners: each call times `steps` steps and returns seconds per step -----------------------
 class StepTimer(Callback):
     """Seconds from ``on_train_batch_start`` to ``on_train_batch_end`` of every step."""
 
@@ -147,17 +212,22 @@ class StepTimer(Callback):
             raise RuntimeError("the teacher left eval mode during fit")
 
 
-class TrainerRunner:
-    """Fit ``module`` with a fresh ``lightning.Trainer`` for each block of ``steps`` steps."""
+class AtxRunner:
+    """Fit the module with a fresh ``lightning.Trainer`` for each block of steps."""
 
-    def __init__(self, module: DistillModule, batches: Sequence[Batch]) -> None:
-        self.module, self.batches = module, list(batches)
+    def __init__(self, row: Row, student: nn.Module, teacher: nn.Module, batches: list[Batch]):
+        self.module, self.batches, self.precision = (
+            build_module(row, student, teacher),
+            batches,
+            row.precision,
+        )
 
     def __call__(self, steps: int) -> list[float]:
         timer = StepTimer()
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
+            precision=self.precision,
             max_steps=steps,
             max_epochs=1,
             logger=False,
@@ -175,67 +245,194 @@ class TrainerRunner:
         return timer.times
 
 
-class ManualRunner:
-    """``training_step`` + backward + SGD step + ``zero_grad`` in a plain loop. Without a
-    Trainer, ``self.log`` returns at once (with a warning, silenced here)."""
+class LoopRunner:
+    """Base of the bare loops: one ``step(x, y)`` per batch, timed end to end."""
 
-    def __init__(self, module: DistillModule, batches: Sequence[Batch]) -> None:
-        self.module, self.batches = module, list(batches)
-        self.module.train()
-        self.opt = module.configure_optimizers()["optimizer"]
-        self.i = 0
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches, self.i = batches, 0
 
-    def __call__(self, steps: int) -> list[float]:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*self.log.*")
-            return self._run(steps)
-
-    def _run(self, steps: int) -> list[float]:
-        times = []
-        for _ in range(steps):
-            batch = self.batches[self.i % len(self.batches)]
-            t0 = time.perf_counter()
-            loss = self.module.training_step(batch, self.i)
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-            self.i += 1
-        return times
-
-
-class TeacherForward:
-    """The teacher alone: eval mode, ``torch.no_grad()``; with ``input_grad``, forward and
-    backward to the input instead (J_t of grad-AT, Eq. 3)."""
-
-    def __init__(self, teacher: nn.Module, batches: Sequence[Batch], input_grad: bool = False):
-        self.teacher, self.batches = freeze(teacher), list(batches)
-        self.input_grad = input_grad
-        self.i = 0
+    def step(self, x: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
 
     def __call__(self, steps: int) -> list[float]:
         times = []
         for _ in range(steps):
             x, y = self.batches[self.i % len(self.batches)]
             t0 = time.perf_counter()
-            if self.input_grad:
-                x = x.detach().requires_grad_(True)
-                input_gradient(self.teacher(x), y, x)
-            else:
-                with torch.no_grad():
-                    self.teacher(x)
+            self.step(x, y)
             times.append(time.perf_counter() - t0)
             self.i += 1
         return times
 
 
+def sgd(params) -> torch.optim.SGD:
+    o = OptimConf()
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class RawRunner(LoopRunner):
+    """Bare PyTorch: the same nn.Modules and loss functions as atx, hooks on the groups, SGD;
+    CE + alpha KD (0.9, T 4) + beta/2-free code-reduction AT (beta 1e3), as the presets."""
+
+    def __init__(self, row: Row, student: nn.Module, teacher: nn.Module, batches: list[Batch]):
+        super().__init__(batches)
+        fmt = torch.channels_last if row.channels_last else torch.contiguous_format
+        self.student, self.teacher = (
+            student.to(memory_format=fmt),
+            freeze(teacher).to(memory_format=fmt),
+        )
+        self.student.train()
+        self.kd, self.at = row.method in ("KD", "AT+KD"), row.method in ("AT", "AT+KD")
+        self.channels_last, self.bf16 = row.channels_last, row.precision == "bf16-mixed"
+        self.feats: dict[tuple[str, str], Tensor] = {}
+        if self.at:
+            for who, net in (("s", self.student), ("t", self.teacher)):
+                for g in GROUPS:
+                    net.get_submodule(g).register_forward_hook(
+                        lambda _m, _i, out, k=(who, g): self.feats.__setitem__(k, out)
+                    )
+        self.opt = sgd(self.student.parameters())
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.student(x)
+            if self.kd or self.at:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+            ce = F.cross_entropy(logits.float(), y)
+            loss = 0.1 * ce + 0.9 * kd_loss(logits, t_logits) if self.kd else ce
+            if self.at:
+                loss = loss + 1000.0 * sum(
+                    at_loss(self.feats["s", g], self.feats["t", g]) for g in GROUPS
+                )
+                self.feats.clear()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def authors_wrn(params: dict[str, Tensor], x: Tensor, training: bool):
+    """The authors' functional WRN (``cifar.py: resnet().f``) over our state-dict names:
+    logits and the three group outputs."""
+
+    def bn_relu(o: Tensor, base: str) -> Tensor:  # utils.batch_norm + F.relu
+        return F.relu(
+            F.batch_norm(
+                o,
+                params[base + ".running_mean"],
+                params[base + ".running_var"],
+                params[base + ".weight"],
+                params[base + ".bias"],
+                training,
+            )
+        )
+
+    def block(o: Tensor, base: str, stride: int) -> Tensor:
+        o1 = bn_relu(o, base + ".bn0")
+        y = F.conv2d(o1, params[base + ".conv0.weight"], stride=stride, padding=1)
+        z = F.conv2d(bn_relu(y, base + ".bn1"), params[base + ".conv1.weight"], padding=1)
+        if base + ".convdim.weight" in params:
+            return z + F.conv2d(o1, params[base + ".convdim.weight"], stride=stride)
+        return z + o
+
+    o = F.conv2d(x, params["conv0.weight"], padding=1)
+    groups = []
+    for g, stride in zip(GROUPS, (1, 2, 2), strict=True):
+        n = len({k.split(".")[1] for k in params if k.startswith(g + ".")})
+        for i in range(n):
+            o = block(o, f"{g}.{i}", stride if i == 0 else 1)
+        groups.append(o)
+    o = F.avg_pool2d(bn_relu(o, "bn"), 8, 1, 0).view(o.size(0), -1)
+    return F.linear(o, params["fc.weight"], params["fc.bias"]), groups
+
+
+def authors_at(x: Tensor) -> Tensor:  # utils.at
+    return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+
+def authors_at_loss(x: Tensor, y: Tensor) -> Tensor:  # utils.at_loss
+    return (authors_at(x) - authors_at(y)).pow(2).mean()
+
+
+def authors_distillation(
+    y: Tensor, teacher_scores: Tensor, labels: Tensor, T: float, alpha: float
+) -> Tensor:
+    """``utils.distillation`` (``batchmean`` for the deprecated ``mean``: same cost)."""
+    p = F.log_softmax(y / T, dim=1)
+    q = F.softmax(teacher_scores / T, dim=1)
+    kl = F.kl_div(p, q, reduction="batchmean")
+    return kl * (T * T * 2.0 * alpha) + F.cross_entropy(y, labels) * (1.0 - alpha)
+
+
+class AuthorsRunner(LoopRunner):
+    """The authors' ``h(sample)`` + torchnet's SGD step: student forward, teacher forward under
+    ``no_grad``, ``at_loss`` per group (``.item()`` logged), distillation + beta/2 * sum."""
+
+    def __init__(self, row: Row, student: nn.Module, teacher: nn.Module, batches: list[Batch]):
+        super().__init__(batches)
+        self.ps = {
+            k: v.detach()
+            .clone()
+            .requires_grad_(v.is_floating_point() and "running" not in k and "num_batches" not in k)
+            for k, v in student.state_dict().items()
+        }
+        self.pt = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        self.kd, self.at = row.method in ("KD", "AT+KD"), row.method in ("AT", "AT+KD")
+        self.opt = sgd([v for v in self.ps.values() if v.requires_grad])
+        self.meters: list[float] = []
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        y_s, g_s = authors_wrn(self.ps, x, True)
+        if self.kd or self.at:
+            with torch.no_grad():
+                y_t, g_t = authors_wrn(self.pt, x, False)
+        if self.at:
+            loss_groups = [authors_at_loss(a, b) for a, b in zip(g_s, g_t, strict=True)]
+            self.meters = [v.item() for v in loss_groups]
+        alpha = 0.9 if self.kd else 0.0
+        loss = authors_distillation(y_s, y_t, y, 4.0, alpha) if self.kd else F.cross_entropy(y_s, y)
+        if self.at:
+            loss = loss + 1000.0 / 2 * sum(loss_groups)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+class TeacherRunner(LoopRunner):
+    """The teacher alone: eval mode under ``no_grad``; or forward + backward to its input
+    (J_t of grad-AT, Eq. 3)."""
+
+    def __init__(self, row: Row, student: nn.Module, teacher: nn.Module, batches: list[Batch]):
+        super().__init__(batches)
+        self.teacher, self.input_grad = freeze(teacher), row == TEACHER_GRAD
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        if self.input_grad:
+            x = x.detach().requires_grad_(True)
+            input_gradient(self.teacher(x), y, x)
+        else:
+            with torch.no_grad():
+                self.teacher(x)
+
+
+RUNNERS = {"atx": AtxRunner, "raw": RawRunner, "authors": AuthorsRunner, "forward": TeacherRunner}
+
+
+def make_runner(row: Row, batches: list[Batch]) -> Callable[[int], list[float]]:
+    """A runner with its own student and teacher, built from the same seed for every row."""
+    torch.manual_seed(0)
+    student = build_model("wrn", depth=16, width=1, num_classes=10)
+    teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
+    return RUNNERS[row.path](row, student, teacher, batches)
+
+
 # -- machine load ------------------------------------------------------------------------------
 class LoadProbe:
-    """CPU time other processes used while a block ran, in cores (0 = we had the machine).
-
-    Busy + steal time of the whole machine (``/proc/stat``) minus this process's CPU time,
-    over the wall time. ``None`` where ``/proc/stat`` is unreadable.
-    """
+    """CPU time other processes used while a block ran, in cores (0 = we had the machine):
+    busy + steal time of the whole machine (``/proc/stat``) minus this process's CPU time,
+    over the wall time. ``None`` where ``/proc/stat`` is unreadable."""
 
     def __init__(self) -> None:
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -255,24 +452,25 @@ class LoadProbe:
         busy = self._machine_busy_s()
         self._start = None if busy is None else (time.perf_counter(), busy, t.user + t.system)
 
-    def stop(self) -> float | None:
+    def stop(self, children: bool = False) -> float | None:
+        """``children``: also count finished child processes as ours (the probes)."""
         busy = self._machine_busy_s()
         if self._start is None or busy is None:
             return None
         t = os.times()
+        own = t.user + t.system + ((t.children_user + t.children_system) if children else 0.0)
         wall0, busy0, own0 = self._start
         wall = time.perf_counter() - wall0
-        foreign = (busy - busy0) - (t.user + t.system - own0)
+        foreign = (busy - busy0) - (own - own0)
         return max(foreign, 0.0) / wall if wall > 0 else None
 
 
-# -- the benchmark ----------------------------------------------------------------------------
+# -- the round-robin run ----
 @dataclass
 class Block:
-    """One block of one runner: its kept step times (seconds) and the machine's other load."""
+    """One block of one row: its kept step times (seconds) and the machine's other load."""
 
-    config: str
-    path: str
+    row: str
     round: int
     times: list[float]
     load: float | None  # cores used by other processes meanwhile
@@ -282,103 +480,142 @@ class Block:
 class Result:
     blocks: list[Block] = field(default_factory=list)
     batch_size: int = 128
-    threads: int = 2
     wall_s: float = 0.0
     stopped_early: bool = False
 
-    def times(self, quiet: float | None = None) -> dict[tuple[str, str], list[float]]:
-        """Kept step times per (config, path); ``quiet``: only blocks with load below it."""
-        out: dict[tuple[str, str], list[float]] = {}
+    def times(self, quiet: float | None = None) -> dict[str, list[float]]:
+        """Kept step times per row; ``quiet``: only blocks with other load below it."""
+        out: dict[str, list[float]] = {}
         for b in self.blocks:
             if quiet is None or (b.load is not None and b.load < quiet):
-                out.setdefault((b.config, b.path), []).extend(b.times)
+                out.setdefault(b.row, []).extend(b.times)
         return out
 
 
-def make_runners(
-    configs: Sequence[str], paths: Sequence[str], batch_size: int, n_batches: int = 4
-) -> dict[tuple[str, str], Callable[[int], list[float]]]:
-    """One runner per (config, path); every module has its own student and teacher copies
-    (same initial weights), so no hook or optimiser state is shared."""
-    torch.manual_seed(0)
-    student = build_model("wrn", depth=16, width=1, num_classes=10)
-    teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
-    batches = make_batches(n_batches, batch_size)
-    runners: dict[tuple[str, str], Callable[[int], list[float]]] = {}
-    for name in configs:
-        if name in (TEACHER, TEACHER_GRAD):
-            runners[(name, "forward")] = TeacherForward(
-                copy.deepcopy(teacher), batches, input_grad=name == TEACHER_GRAD
-            )
-            continue
-        for path in paths:
-            module = build_module(
-                DISTILL[name], copy.deepcopy(student), copy.deepcopy(teacher), 10, (3, 32, 32)
-            )
-            runner = TrainerRunner if path == "trainer" else ManualRunner
-            runners[(name, path)] = runner(module, batches)
-    return runners
-
-
 def run_benchmark(
-    configs: Sequence[str] = CONFIGS,
-    paths: Sequence[str] = PATHS,
-    steps: int = 42,
-    warmup: int = 3,
-    block: int = 3,
-    batch_size: int = 128,
-    threads: int = 2,
+    rows: Sequence[Row],
+    steps: int,
+    warmup: int,
+    block: int,
+    batch_size: int,
     budget_s: float = float("inf"),
     log: Callable[[str], None] | None = None,
 ) -> Result:
-    """Round-robin over all runners, ``block`` steps each, until each kept ``steps`` steps or
-    the next round would end past ``budget_s``; each runner's first ``warmup`` steps are
-    discarded. (The first step of a block, a fresh Trainer's first or the first after another
-    model ran, measured within 2% of the block's other steps here, so it is kept.)"""
+    """Round-robin over the rows, ``block`` steps each, until each kept ``steps`` steps or the
+    next round would end past ``budget_s``; each row's first ``warmup`` steps are discarded
+    (compilation happens there)."""
     if block < 1 or steps < 1 or warmup < 0:
         raise ValueError("need block >= 1, steps >= 1, warmup >= 0")
-    torch.set_num_threads(threads)
-    runners = make_runners(configs, paths, batch_size)
-    result = Result(batch_size=batch_size, threads=threads)
-    kept = dict.fromkeys(runners, 0)
-    seen = dict.fromkeys(runners, 0)
+    batches = make_batches(4, batch_size)
+    runners = {r.name: make_runner(r, batches) for r in rows}
+    result = Result(batch_size=batch_size)
+    kept, seen = dict.fromkeys(runners, 0), dict.fromkeys(runners, 0)
     probe = LoadProbe()
-    t_start = time.perf_counter()
-    last_round = 0.0
-    rnd = 0
+    t_start, last_round, rnd = time.perf_counter(), 0.0, 0
     while any(n < steps for n in kept.values()):
         elapsed = time.perf_counter() - t_start
         if rnd > 0 and elapsed + last_round > budget_s and min(kept.values()) > 0:
             result.stopped_early = True
             break
         rnd += 1
-        for key, runner in runners.items():
-            if kept[key] >= steps:
+        for name, runner in runners.items():
+            if kept[name] >= steps:
                 continue
+            n = block if seen[name] >= warmup else warmup - seen[name] + block
             probe.start()
-            times = runner(block)
+            times = runner(n)
             load = probe.stop()
-            keep = []
-            for t in times:
-                if seen[key] >= warmup and kept[key] + len(keep) < steps:
-                    keep.append(t)
-                seen[key] += 1
-            kept[key] += len(keep)
+            keep = [t for i, t in enumerate(times) if seen[name] + i >= warmup]
+            keep = keep[: steps - kept[name]]
+            seen[name] += n
+            kept[name] += len(keep)
             if keep:
-                result.blocks.append(Block(key[0], key[1], rnd, keep, load))
+                result.blocks.append(Block(name, rnd, keep, load))
         last_round = time.perf_counter() - t_start - elapsed
         if log:
             loads = [b.load for b in result.blocks if b.round == rnd and b.load is not None]
             load_s = f", other load {statistics.median(loads):.2f} cores" if loads else ""
             log(
-                f"round {rnd}: {min(kept.values())}/{steps} kept steps per runner,"
+                f"round {rnd}: {min(kept.values())}/{steps} kept steps per row,"
                 f" {time.perf_counter() - t_start:.0f} s{load_s}"
             )
     result.wall_s = time.perf_counter() - t_start
     return result
 
 
-# -- statistics and the report -------------------------------------------------------------
+# -- probes: one row in a fresh process --------------------------------------------------------
+def rss_mb() -> tuple[float, float]:
+    """(resident, high-water) MiB of this process (``/proc/self/status``; else ru_maxrss)."""
+    try:
+        status = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+        )
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak, peak
+
+
+def reset_peak_rss() -> None:
+    """Restart the high-water mark at the current RSS (Linux: ``clear_refs`` 5), so imports and
+    building do not hide the steps' peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def probe_row(row: Row, steps: int, warmup: int, batch_size: int) -> dict[str, float]:
+    """In this (fresh) process: ms/step, page faults per step and the peak RSS of the steps
+    above the built state (modules, optimiser, batches, one warm-up step)."""
+    runner = make_runner(row, make_batches(2, batch_size))
+    runner(warmup)  # optimiser state and grads exist from here on
+    gc.collect()
+    reset_peak_rss()
+    rss0, _ = rss_mb()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = runner(steps)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    _, peak = rss_mb()
+    return {
+        "ms": statistics.median(times) * 1e3,
+        "faults": faults / steps,
+        "peak_mb": peak - rss0,
+        "rss_mb": peak,
+    }
+
+
+def run_probe(name: str, allocator: str, args: argparse.Namespace) -> dict[str, float]:
+    """``probe_row`` in a subprocess with glibc's default allocator, atx's mallopt or the
+    ``MALLOC_*_`` env vars; the machine's other load while it ran is added."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "ATX_MALLOC"}
+    if allocator == "env":
+        env.update({k: str(v) for k, v in MALLOC_ENV.items()})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--probe",
+        name,
+        "--allocator",
+        allocator,
+        "--probe-steps",
+        str(args.probe_steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
+    load = LoadProbe()
+    load.start()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"probe {name} ({allocator}) failed:\n{out.stderr[-2000:]}")
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load": load.stop(children=True)}
+
+
+# -- statistics and the report -----------------------------------------------------------------
 def quantile(xs: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile, q in [0, 1]."""
     s = sorted(xs)
@@ -402,47 +639,62 @@ def summarize(times: Sequence[float], batch_size: int) -> dict[str, float]:
     }
 
 
+# (label, numerator rows, denominator rows): a ratio of summed median step times
 RATIOS = (
-    ("AT", (STUDENT, TEACHER)),
-    ("KD", (STUDENT, TEACHER)),
-    ("AT+KD", (STUDENT, TEACHER)),
-    ("F-ActT", (STUDENT, TEACHER)),
-    ("AT", ("KD",)),
-    ("grad-AT", (STUDENT, TEACHER_GRAD)),
-    ("symmetry", (STUDENT,)),
-    ("min-l2", (STUDENT,)),
+    ("atx / raw: student", ("student atx",), ("student raw",)),
+    ("atx / raw: KD", ("KD atx",), ("KD raw",)),
+    ("atx / raw: AT", ("AT atx",), ("AT raw",)),
+    ("atx / raw: AT+KD", ("AT+KD atx",), ("AT+KD raw",)),
+    ("atx / raw: AT+KD fastest", ("AT+KD atx fastest",), ("AT+KD raw fastest",)),
+    ("AT / (student + teacher forward), atx", ("AT atx",), ("student atx", TEACHER.name)),
+    ("AT / (student + teacher forward), raw", ("AT raw",), ("student raw", TEACHER.name)),
+    (
+        "AT / (student + teacher forward), authors",
+        ("AT authors",),
+        ("student authors", TEACHER.name),
+    ),
+    ("AT+KD / (student + teacher forward), atx", ("AT+KD atx",), ("student atx", TEACHER.name)),
+    ("KD / (student + teacher forward), atx", ("KD atx",), ("student atx", TEACHER.name)),
+    ("F-ActT / (student + teacher forward), atx", ("F-ActT atx",), ("student atx", TEACHER.name)),
+    (
+        "grad-AT / (student + teacher fwd+bwd), atx",
+        ("grad-AT atx",),
+        ("student atx", TEACHER_GRAD.name),
+    ),
+    ("symmetry / student, atx", ("symmetry atx",), ("student atx",)),
+    ("min-l2 / student, atx", ("min-l2 atx",), ("student atx",)),
+    ("speed-up vs authors: AT+KD float32 NCHW (target >= 1.0)", ("AT+KD authors",), ("AT+KD atx",)),
+    (
+        "speed-up vs authors: AT+KD fastest (target >= 1.5)",
+        ("AT+KD authors",),
+        ("AT+KD atx fastest",),
+    ),
+    *(
+        (f"speed-up of {r.options}: AT+KD", ("AT+KD atx",), (r.name,))
+        for r in ROWS
+        if r.method == "AT+KD" and r.path == "atx" and r.options
+    ),
 )
 
 
 def ratios(med: dict[str, float]) -> dict[str, float]:
-    """``AT / (student + teacher forward)`` etc., and ``AT / KD``, from per-config times."""
-    out = {}
-    for num, den in RATIOS:
-        if num in med and all(d in med for d in den):
-            out[f"{num} / ({' + '.join(den)})" if len(den) > 1 else f"{num} / {den[0]}"] = med[
-                num
-            ] / sum(med[d] for d in den)
-    return out
+    """Every ratio of RATIOS whose rows were measured."""
+    return {
+        label: sum(med[n] for n in num) / sum(med[d] for d in den)
+        for label, num, den in RATIOS
+        if all(r in med for r in (*num, *den))
+    }
 
 
-def path_medians(times: dict[tuple[str, str], list[float]], path: str) -> dict[str, float]:
-    """Median step time per config of ``path``, plus the teacher forward."""
-    return {c: statistics.median(t) for (c, p), t in times.items() if p == path or p == "forward"}
-
-
-def paired_ratios(result: Result, path: str, quiet: float | None = None) -> dict[str, list[float]]:
-    """Each ratio computed within every round (block medians), so slow drifts of the machine's
-    load cancel; returns the per-round values. ``quiet``: skip rounds in which any block ran
-    while other processes used ``quiet`` cores or more."""
+def paired_ratios(result: Result, quiet: float | None = None) -> dict[str, list[float]]:
+    """Each ratio computed within every round (block medians), so slow drifts of the
+    machine's load cancel; ``quiet``: skip rounds in which any block had that much load."""
     out: dict[str, list[float]] = {}
     for rnd in sorted({b.round for b in result.blocks}):
-        blocks = [
-            b for b in result.blocks if b.round == rnd and (b.path == path or b.path == "forward")
-        ]
+        blocks = [b for b in result.blocks if b.round == rnd]
         if quiet is not None and any(b.load is not None and b.load >= quiet for b in blocks):
             continue
-        med = {b.config: statistics.median(b.times) for b in blocks}
-        for k, v in ratios(med).items():
+        for k, v in ratios({b.row: statistics.median(b.times) for b in blocks}).items():
             out.setdefault(k, []).append(v)
     return out
 
@@ -456,62 +708,103 @@ def spread_text(xs: Sequence[float]) -> str:
     )
 
 
-def report(result: Result, quiet_load: float = 0.2, min_quiet: int = 8) -> tuple[str, bool]:
-    """Markdown: per-config step times, then per path the ratios from medians of all steps,
-    from quiet blocks only (other load < ``quiet_load`` cores) and paired per quiet round.
-    Second value: the run is noisy (p90/p10 > NOISY for any config)."""
-    all_times = result.times()
-    quiet_times = result.times(quiet_load)
+def report(result: Result, quiet_load: float = 0.2) -> tuple[str, bool]:
+    """Markdown: per-row step times, then the ratios from medians of all steps, of quiet
+    blocks only and paired per quiet round. Second value: some row is noisy."""
+    all_times, quiet_times = result.times(), result.times(quiet_load)
     lines = [
-        "| config | path | median ms/step | p10-p90 ms | p90/p10 | images/s | steps"
+        "| row | path | options | median ms/step | p10-p90 ms | p90/p10 | images/s | steps"
         " | quiet median ms (steps) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     noisy = False
-    for (name, path), times in all_times.items():
-        s = summarize(times, result.batch_size)
+    for name, times in all_times.items():
+        row, s = BY_NAME[name], summarize(times, result.batch_size)
         noisy |= s["spread"] > NOISY
-        q = quiet_times.get((name, path), [])
+        q = quiet_times.get(name, [])
         q_s = f"{statistics.median(q) * 1e3:.1f} ({len(q)})" if q else "- (0)"
         lines.append(
-            f"| {name} | {path} | {s['median_ms']:.1f} | {s['p10_ms']:.1f}-"
-            f"{s['p90_ms']:.1f} | {s['spread']:.2f} | {s['img_s']:.0f} | {s['n']}"
-            f" | {q_s} |"
+            f"| {row.method} | {row.path} | {row.options or '-'} | {s['median_ms']:.1f}"
+            f" | {s['p10_ms']:.1f}-{s['p90_ms']:.1f} | {s['spread']:.2f}"
+            f" | {s['img_s']:.0f} | {s['n']} | {q_s} |"
         )
-    for path in PATHS:
-        r_all = ratios(path_medians(all_times, path))
-        if not r_all:
-            continue
-        enough = all(
-            len(quiet_times.get(k, [])) >= min_quiet for k in all_times if k[1] in (path, "forward")
-        )
-        r_quiet = ratios(path_medians(quiet_times, path)) if enough else {}
-        paired = paired_ratios(result, path, quiet_load)
-        lines += [
-            "",
-            f"| ratio, {path} path | medians, all steps | medians, quiet blocks"
-            " | paired per quiet round: median (p10-p90, rounds) |",
-            "|---|---:|---:|---:|",
-        ]
-        for k, v in r_all.items():
-            q = f"{r_quiet[k]:.3f}" if k in r_quiet else "-"
-            lines.append(f"| {k} | {v:.3f} | {q} | {spread_text(paired.get(k, []))} |")
+    med = {k: statistics.median(v) for k, v in all_times.items()}
+    q_med = {k: statistics.median(v) for k, v in quiet_times.items()}
+    paired = paired_ratios(result, quiet_load)
+    lines += [
+        "",
+        "| ratio | medians, all steps | medians, quiet blocks"
+        " | paired per quiet round: median (p10-p90, rounds) |",
+        "|---|---:|---:|---:|",
+    ]
+    r_quiet = ratios(q_med)
+    for k, v in ratios(med).items():
+        q = f"{r_quiet[k]:.3f}" if k in r_quiet else "-"
+        lines.append(f"| {k} | {v:.3f} | {q} | {spread_text(paired.get(k, []))} |")
     return "\n".join(lines), noisy
 
 
+def probe_report(probes: dict[tuple[str, str], dict[str, float]]) -> str:
+    """Markdown: the probes, then the memory bound and the allocator's effect."""
+    lines = [
+        "| row | allocator | median ms/step | page faults/step | peak RSS rise MB"
+        " | RSS high-water MB | other load (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (name, alloc), p in probes.items():
+        load = "-" if p.get("load") is None else f"{p['load']:.2f}"
+        lines.append(
+            f"| {name} | {alloc} | {p['ms']:.1f} | {p['faults']:.0f}"
+            f" | {p['peak_mb']:.1f} | {p['rss_mb']:.0f} | {load} |"
+        )
+    get = probes.get
+    extra = []
+    s, t, a = (
+        get(("student atx", "mallopt")),
+        get((TEACHER.name, "mallopt")),
+        get(("AT atx", "mallopt")),
+    )
+    if s and t and a:
+        bound = 1.1 * (s["peak_mb"] + t["peak_mb"])
+        extra.append(
+            f"peak memory: AT step {a['peak_mb']:.1f} MB vs (student step + teacher"
+            f" forward) x 1.1 = {bound:.1f} MB: {'ok' if a['peak_mb'] <= bound else 'OVER'}"
+        )
+    for name in (TEACHER.name, "AT+KD atx"):
+        d, m = get((name, "default")), get((name, "mallopt"))
+        if d and m:
+            extra.append(
+                f"allocator, {name}: default / mallopt time {d['ms'] / m['ms']:.2f}x,"
+                f" page faults {d['faults']:.0f} -> {m['faults']:.0f} per step"
+            )
+    au, fa = get(("AT+KD authors", "default")), get(("AT+KD atx fastest", "mallopt"))
+    if au and fa:
+        extra.append(
+            "speed-up vs authors as each runs by default (authors: glibc default,"
+            f" atx: fastest options + mallopt): {au['ms'] / fa['ms']:.2f}x"
+        )
+    return "\n".join(lines + [""] + [f"- {e}" for e in extra])
+
+
+# -- command line ------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=42, help="kept steps per config and path")
-    p.add_argument("--warmup", type=int, default=3, help="first steps of each runner discarded")
-    p.add_argument("--block", type=int, default=3, help="steps per runner per round-robin turn")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: batch 4, 2 steps, 1 thread, no compile, 2 probes",
+    )
+    p.add_argument("--steps", type=int, default=14, help="kept steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="first steps of each row discarded")
+    p.add_argument("--block", type=int, default=2, help="steps per row per round-robin turn")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument(
         "--budget",
         type=float,
-        default=320.0,
+        default=300.0,
         help="seconds: start no round that would end later (then report what ran)",
     )
     p.add_argument(
@@ -521,18 +814,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a block is quiet when other processes used fewer cores than this",
     )
     p.add_argument(
-        "--configs",
+        "--rows",
         nargs="+",
-        default=list(CONFIGS),
-        choices=CONFIGS,
-        metavar="CONFIG",
-        help=f"subset of: {', '.join(CONFIGS)}",
+        default=None,
+        metavar="ROW",
+        help=f"subset of rows (default: all): {'; '.join(BY_NAME)}",
     )
-    p.add_argument("--trainer", action="store_true", help="time the lightning.Trainer path")
-    p.add_argument("--manual", action="store_true", help="time the manual loop")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--probe-steps", type=int, default=6, help="timed steps per probe")
+    p.add_argument("--no-probes", action="store_true", help="skip the subprocess probes")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one probe and print JSON
+    p.add_argument(
+        "--allocator",
+        default="mallopt",
+        choices=("default", "mallopt", "env"),
+        help=argparse.SUPPRESS,
+    )
     args = p.parse_args(argv)
-    chosen = [path for path in PATHS if getattr(args, path)]
-    args.paths = chosen or list(PATHS)  # neither flag: both
+    if args.quick:
+        args.steps, args.warmup, args.block, args.batch_size, args.threads = 2, 1, 1, 4, 1
+        args.probe_steps, args.no_compile = 2, True
+    if unknown := [n for n in args.rows or [] if n not in BY_NAME]:
+        p.error(f"unknown row {unknown[0]!r}; rows: {'; '.join(BY_NAME)}")
+    rows = [BY_NAME[n] for n in args.rows] if args.rows else list(ROWS)
+    args.row_list = [r for r in rows if not (args.no_compile and r.compile)]
     return args
 
 
@@ -554,45 +859,61 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", ".*self.log.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_lightning()
+    torch.set_num_threads(args.threads)
+    if args.probe:  # a fresh process for one row
+        configure_allocator(args.allocator == "mallopt")
+        print(
+            json.dumps(
+                probe_row(BY_NAME[args.probe], args.probe_steps, args.warmup, args.batch_size)
+            )
+        )
+        return 0
+    allocator = configure_allocator(True)  # as atx-train: every row of this process uses it
     print(
-        f"# atx step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}: torch"
+        f"# atx benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: torch"
         f" {torch.__version__}, lightning {L.__version__}, {os.cpu_count()} CPUs"
-        f" ({platform.machine()}), threads {args.threads}, batch {args.batch_size}, float32;"
-        f" {args.steps} kept steps per runner (warm-up {args.warmup}, blocks of {args.block}),"
-        f" paths {'+'.join(args.paths)}; atx {source_revision()}",
+        f" ({platform.machine()}), threads {args.threads}, batch {args.batch_size};"
+        f" {args.steps} kept steps per row (warm-up {args.warmup}, blocks of {args.block});"
+        f" allocator {allocator}; atx {source_revision()}",
         flush=True,
     )
     result = run_benchmark(
-        args.configs,
-        args.paths,
+        args.row_list,
         args.steps,
         args.warmup,
         args.block,
         args.batch_size,
-        args.threads,
         args.budget,
         log=lambda s: print(s, flush=True),
     )
     table, noisy = report(result, args.quiet_load)
-    print()
-    print(table)
-    print()
+    print("\n" + table + "\n")
     loads = [b.load for b in result.blocks if b.load is not None]
     load = f"; other load median {statistics.median(loads):.2f} cores" if loads else ""
     print(
-        f"wall {result.wall_s:.0f} s{load}"
+        f"in-process wall {result.wall_s:.0f} s{load}"
         + ("; stopped early at --budget" if result.stopped_early else "")
         + (
-            f"; NOISY: p90/p10 > {NOISY} for some config, prefer the quiet / paired columns"
+            f"; NOISY: p90/p10 > {NOISY} for some row, prefer the quiet / paired columns"
             if noisy
             else f"; spread ok (p90/p10 <= {NOISY} everywhere)"
-        )
+        ),
+        flush=True,
     )
+    if not args.no_probes:
+        names = {r.name for r in args.row_list}
+        probes = {}
+        for name, alloc in QUICK_PROBES if args.quick else PROBES:
+            if name in names:
+                probes[(name, alloc)] = run_probe(name, alloc, args)
+                print(f"probe {name} ({alloc}): {probes[(name, alloc)]['ms']:.1f} ms", flush=True)
+        print("\n" + probe_report(probes))
     return 0
 
 

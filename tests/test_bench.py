@@ -1,4 +1,4 @@
-"""Smoke test of scripts/bench_step.py: every runner takes real steps on tiny batches."""
+"""scripts/bench.py: its statistics, its baselines' fidelity, and a --quick run of every row."""
 
 import importlib.util
 import sys
@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
+from atx.attention import at_loss
+from atx.models import build_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
@@ -24,50 +27,96 @@ def test_statistics(bench) -> None:
     assert bench.quantile([1.0, 2.0], 0.1) == pytest.approx(1.1)
     s = bench.summarize([0.1, 0.2, 0.3], batch_size=128)
     assert s["median_ms"] == pytest.approx(200.0) and s["img_s"] == pytest.approx(640.0)
-    r = bench.ratios({"teacher forward": 1.0, "student": 1.0, "KD": 2.0, "AT": 2.2})
-    assert r["AT / (student + teacher forward)"] == pytest.approx(1.1)
-    assert r["AT / KD"] == pytest.approx(1.1)
+    med = {
+        "teacher forward": 1.0,
+        "student atx": 1.0,
+        "AT atx": 2.2,
+        "AT raw": 2.0,
+        "AT+KD atx": 2.0,
+        "AT+KD authors": 3.0,
+        "AT+KD atx fastest": 1.5,
+    }
+    r = bench.ratios(med)
+    assert r["AT / (student + teacher forward), atx"] == pytest.approx(1.1)
+    assert r["atx / raw: AT"] == pytest.approx(1.1)
+    assert r["speed-up vs authors: AT+KD float32 NCHW (target >= 1.0)"] == pytest.approx(1.5)
+    assert r["speed-up vs authors: AT+KD fastest (target >= 1.5)"] == pytest.approx(2.0)
+    assert "atx / raw: KD" not in r  # rows not measured give no ratio
 
 
 def test_parse_args(bench) -> None:
-    assert bench.parse_args([]).paths == ["trainer", "manual"]
-    assert bench.parse_args(["--manual"]).paths == ["manual"]
-    args = bench.parse_args(["--trainer", "--steps", "5", "--batch-size", "8"])
-    assert (args.paths, args.steps, args.batch_size) == (["trainer"], 5, 8)
+    args = bench.parse_args([])
+    assert [r.name for r in args.row_list] == [r.name for r in bench.ROWS]
+    assert any(r.compile for r in args.row_list)
+    quick = bench.parse_args(["--quick"])
+    assert (quick.steps, quick.batch_size, quick.threads) == (2, 4, 1)
+    assert not any(r.compile for r in quick.row_list)
+    some = bench.parse_args(["--rows", "AT atx", "symmetry atx"])
+    assert [r.name for r in some.row_list] == ["AT atx", "symmetry atx"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "AT atxx"])
+
+
+def test_authors_step_mirrors_the_same_network_and_loss(bench) -> None:
+    """The 'authors' baseline runs our WRN's weights through their functional net: same
+    logits and group outputs (train-mode BN); their at_loss equals ours for p = 2."""
+    torch.manual_seed(0)
+    model = build_model("wrn", num_classes=10, depth=16, width=1).train()
+    feats = {}
+    for g in bench.GROUPS:
+        model.get_submodule(g).register_forward_hook(
+            lambda _m, _i, out, g=g: feats.__setitem__(g, out)
+        )
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    logits, groups = bench.authors_wrn(params, x, True)
+    torch.testing.assert_close(logits, model(x))
+    for g, out in zip(bench.GROUPS, groups, strict=True):
+        torch.testing.assert_close(out, feats[g])
+    torch.testing.assert_close(params["bn.running_mean"], model.bn.running_mean)  # stats moved
+    t = torch.randn(4, 32, 8, 8)
+    torch.testing.assert_close(bench.authors_at_loss(groups[2], t), at_loss(groups[2], t))
+
+
+def test_raw_loop_takes_the_same_step_as_atx(bench) -> None:
+    """The raw baseline computes what the atx AT+KD module computes: after one SGD step from
+    the same weights on the same batch, the students agree."""
+    batches = bench.make_batches(1, 4)
+    atx = bench.make_runner(bench.BY_NAME["AT+KD atx"], batches)
+    raw = bench.make_runner(bench.BY_NAME["AT+KD raw"], batches)
+    atx(1)
+    raw(1)
+    for (name, a), b in zip(
+        atx.module.student.state_dict().items(), raw.student.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning: no val loader, few workers
-def test_tiny_run(bench) -> None:
+def test_quick_run_prints_every_row_and_ratio(bench, capsys) -> None:
     threads = torch.get_num_threads()
     try:
-        result = bench.run_benchmark(
-            configs=[
-                "teacher forward",
-                "teacher fwd+bwd",
-                "student",
-                "AT",
-                "F-ActT",
-                "grad-AT",
-                "symmetry",
-            ],  # fmt: skip
-            paths=["trainer", "manual"],
-            steps=2,
-            warmup=1,
-            block=1,
-            batch_size=4,
-            threads=1,
-        )
+        assert bench.main(["--quick", "--no-probes"]) == 0
     finally:
         torch.set_num_threads(threads)
-    times = result.times()
-    students = ("student", "AT", "F-ActT", "grad-AT", "symmetry")
-    assert set(times) == {
-        ("teacher forward", "forward"),
-        ("teacher fwd+bwd", "forward"),
-        *((c, p) for c in students for p in ("trainer", "manual")),
-    }
-    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
-    assert {b.round for b in result.blocks} == {2, 3}  # round 1 was the warm-up
-    table, _ = bench.report(result, min_quiet=1)
-    assert "| AT | trainer |" in table and "AT / (student + teacher forward)" in table
-    assert "grad-AT / (student + teacher fwd+bwd)" in table and "symmetry / student" in table
+    out = capsys.readouterr().out
+    for row in bench.parse_args(["--quick"]).row_list:
+        cells = f"| {row.method} | {row.path} | {row.options or '-'} |"
+        assert cells in out, cells
+    for label in (
+        "atx / raw: AT+KD |",
+        "AT / (student + teacher forward), atx |",
+        "speed-up vs authors: AT+KD fastest",
+        "grad-AT / (student + teacher fwd+bwd)",
+    ):
+        assert label in out, label
+    assert "other load" in out and "in-process wall" in out
+
+
+def test_probe_in_a_fresh_process(bench) -> None:
+    args = bench.parse_args(["--quick"])
+    probe = bench.run_probe("AT atx", "mallopt", args)
+    assert probe["ms"] > 0 and probe["faults"] >= 0 and probe["peak_mb"] >= 0
+    assert probe["rss_mb"] > probe["peak_mb"]
+    text = bench.probe_report({("AT atx", "mallopt"): probe})
+    assert "| AT atx | mallopt |" in text

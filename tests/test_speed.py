@@ -15,6 +15,7 @@ import pytest
 import torch
 from configs import compose_cfg
 from layouts import write_cifar10
+from omegaconf import OmegaConf
 from torch import nn
 
 from atx.attention import at_loss, attention_map
@@ -251,3 +252,9 @@ def test_bad_teacher_precision_is_one_clear_error(tmp_path: Path) -> None:
     cfg = compose_cfg(["model.depth=10", "logger=csv", "speed.teacher_precision=int8"])
     with pytest.raises(AtxError, match="speed.teacher_precision='int8': use one of same, bf16"):
         train(cfg, tmp_path)
+
+
+def test_speed_presets_compose() -> None:
+    assert compose_cfg([]).speed == OmegaConf.structured(SpeedConf())
+    fast = OmegaConf.to_object(compose_cfg(["speed=fast"]).speed)
+    assert fast == SpeedConf(channels_last=True, teacher_inference_mode=True)
