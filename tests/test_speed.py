@@ -11,12 +11,14 @@ import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from configs import compose_cfg
 from layouts import write_cifar10
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from atx.attention import at_loss, attention_map
 from atx.config import SpeedConf
@@ -166,6 +168,12 @@ def test_compile_gives_the_same_step_and_taps_still_work() -> None:
         torch.testing.assert_close(parts_f[k], parts_p[k], rtol=1e-5, atol=1e-7, msg=k)
     fast.student.zero_grad()
     assert_same_step(fast, plain, rtol=1e-5, grad_rtol=1e-4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)  # fmt: skip
+    x, y = batch(8, 8)
+    trainer.fit(fast, DataLoader(TensorDataset(x, y), batch_size=4))  # the real loop, compiled
+    assert trainer.global_step == 2 and "train/loss" in trainer.callback_metrics
 
 
 def test_compile_with_grad_at_falls_back_to_eager() -> None:
