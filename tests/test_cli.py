@@ -63,6 +63,8 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
                                f"distill.at.p={at['p']:g} distill.at.student_layers={layers}")
         assert {"distill:at", "model:wrn_16_1", "teacher:wrn_16_2"} <= set(run["tags"])
         assert run["config"]["distill.at.beta"] == str(cfg["distill"]["at"]["beta"])
+        groups = "group1,group2,group3" if layers == "all" else "group3"
+        assert run["config"]["layers.student"] == f'"{groups}"'  # the preset resolved
         assert {"val/error", "train/at/group3_epoch", "weight/at"} <= run["history_keys"]
         assert ("train/at/group1_epoch" in run["history_keys"]) == (layers == "all")
         assert run["images"] >= 1  # the attention figure

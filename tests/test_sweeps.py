@@ -167,6 +167,19 @@ def test_ddp_inside_a_sweep_job_ranks_started_by_submitit(tmp_path):
     assert [p.name for p in sweep.iterdir() if p.name.isdigit()] == ["0"]  # no stray sweep dirs
 
 
+def test_ddp_spawn_inside_a_local_sweep(tmp_path):
+    """The in-process alternative: the ranks of each job are spawned, the main process exports
+    the student and reads the fit's progress back from the last checkpoint."""
+    sweep = tmp_path / "sweep"
+    result = atx_train(["-m", *FAST, *DDP, "trainer.strategy=ddp_spawn", "seed=0",
+                        f"hydra.sweep.dir={sweep}"],
+                       env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_ddp_run(sweep / "0", 33, [*FAST, "data.val_subset=33"])
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["best/val_error"] == metrics["val/error"]
+
+
 def test_sync_batchnorm_converts_the_student_only():
     student = build_model("wrn", num_classes=10, depth=10, width=1)
     converted = sync_batchnorm(student)

@@ -28,6 +28,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -192,6 +193,9 @@ def train(
     # depend on whether a teacher or adapters were built (baseline vs AT see the same batches)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     flat_config = flatten(OmegaConf.to_container(cfg, resolve=True))
+    if pairs:  # the layer groups as module names (a preset such as "all" resolved)
+        flat_config["layers.student"] = ",".join(s for s, _ in pairs)
+        flat_config["layers.teacher"] = ",".join(t for _, t in pairs)
     loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config,
                             owner.wandb_id if owner else None)  # fmt: skip
     callbacks = [
@@ -212,9 +216,12 @@ def train(
                                           cfg.figure_images, pairs, data))  # fmt: skip
     trainer_kwargs.setdefault("plugins", cluster_plugins())
     trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs["plugins"])
-    trainer = L.Trainer(
-        **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
-    )
+    try:
+        trainer = L.Trainer(
+            **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
+        )
+    except (MisconfigurationException, ValueError) as e:  # Lightning's own trainer.* checks
+        raise AtxError(f"trainer: {str(e).splitlines()[0]}") from e
     for logger in loggers:
         logger.log_hyperparams(flat_config)
     try:
@@ -227,10 +234,10 @@ def train(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero:
         torch.save(student.state_dict(), run_dir / STUDENT_FILE)
-        best = callbacks[0].best_model_score
+        epochs, best = fit_progress(trainer, callbacks[0])
         summary = {
             "name": cfg.name,
-            "epochs": trainer.current_epoch,
+            "epochs": epochs,
             "world_size": trainer.world_size,
             **metrics,
             "best/val_error": float(best) if best is not None else None,
@@ -254,6 +261,21 @@ def train(
                     logger.log_image(key="attention", images=[str(figure)])
     _finish_wandb(loggers)
     return metrics
+
+
+def fit_progress(trainer: L.Trainer, checkpoint: ModelCheckpoint) -> tuple[int, Any]:
+    """Epochs trained and the best test error. With ``ddp_spawn`` the fit ran in worker
+    processes and this process's trainer never saw it (stack notes E22): read them from the
+    last checkpoint rank 0 wrote instead."""
+    last = Path(str(checkpoint.dirpath)) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
+    spawned = type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
+    if not spawned or not last.is_file():
+        return trainer.current_epoch, checkpoint.best_model_score
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    for key, callback in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and callback.get("monitor") == checkpoint.monitor:
+            return state["epoch"] + 1, callback.get("best_model_score")
+    return state["epoch"] + 1, None
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
