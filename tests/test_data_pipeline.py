@@ -241,7 +241,8 @@ def test_unwritable_data_dir_falls_back_to_the_user_cache(
     (root / DIR_NAME).write_text("a file where the cache folder would go")  # mkdir fails
     calls = count_decodes(monkeypatch)
     dm = CIFAR10DataModule(str(root))
-    dm.setup()
+    with pytest.warns(UserWarning, match="cannot write the data cache beside the data"):
+        dm.setup()
     assert dm.cache_file is not None and dm.cache_file.parent == user_cache
     CIFAR10DataModule(str(root)).setup()
     assert len(calls) == 20  # read back from the user cache

@@ -94,6 +94,12 @@ def write(data: dict[str, Any], root: Path, name: str) -> Path | None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             continue
+        if errors:
+            warnings.warn(
+                f"cannot write the data cache beside the data ({errors[0]}); cached the decoded "
+                f"dataset in '{target}' instead",
+                stacklevel=2,
+            )
         if folder == root / DIR_NAME:
             stale = re.compile(re.escape(name.rsplit("-", 1)[0]) + r"-[0-9a-f]{20}\.pt")
             for old in folder.iterdir():
