@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from atx.errors import AtxError
 
 
 @dataclass
@@ -142,6 +145,21 @@ class TrainConf:
     nan_skip_limit: int = 10  # skip: stop anyway after this many non-finite steps in a row
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     resume: str | None = None  # a run dir: continue that run from its newest checkpoint
+
+
+def check_schema_keys(node: Any, schema: type = TrainConf, prefix: str = "") -> None:
+    """Every key of the composed config under a schema'd group must be in the schema: Hydra
+    lets ``+distill.at.bta=3`` from the shell add a key it would refuse without the ``+``."""
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise AtxError(
+                f"unknown option '{prefix}{key}'{hint}; valid options: {', '.join(sorted(hints))}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            check_schema_keys(node[key], hints[key], f"{prefix}{key}.")
 
 
 def composition_error_line(error: BaseException) -> str:

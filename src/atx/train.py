@@ -38,7 +38,7 @@ from atx import build
 from atx.callbacks import AttentionFigures
 from atx.checkpoints import STUDENT_FILE
 from atx.cluster import GpuClaim, check_launcher_matches_trainer, cluster_plugins
-from atx.config import composition_error_line, register
+from atx.config import check_schema_keys, composition_error_line, register
 from atx.errors import AtxError
 from atx.module import DistillModule
 from atx.numerics import NanGuard
@@ -68,6 +68,7 @@ def check_config(cfg: DictConfig) -> None:
     missing = [k for k in OmegaConf.missing_keys(cfg) if k != "teacher.checkpoint"]
     if missing:
         raise AtxError(f"config value '{missing[0]}' is not set: pass {missing[0]}=<value>")
+    check_schema_keys(cfg)
     build.check_distill(cfg.distill)
     build.check_optim(cfg.optim)
     build.check_run_options(cfg)
