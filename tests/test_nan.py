@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from configs import compose_cfg
 
-from atx.losses import AttentionTransfer
+from atx.losses import AttentionTransfer, CrossEntropy, Objective, Schedule, StepOutputs, Term
 from atx.models import build_model
+from atx.module import DistillModule
 from atx.numerics import NanGuard, NonFiniteLoss, describe_nonfinite
 from atx.train import train
 
@@ -75,6 +77,52 @@ def test_describe_names_term_and_group():
     with pytest.raises(NonFiniteLoss, match=r"2 non-finite losses in a row \(nan_skip_limit=2\)"):
         guard(nan, {"at/group2": nan}, 4, 0, 4)
     assert guard.skipped == 2
+
+
+class NanProbe(Term):
+    """A term that is 0, or NaN at the given steps."""
+
+    name = "probe"
+
+    def __init__(self, bad: set[int]) -> None:
+        super().__init__(Schedule(1.0))
+        self.bad, self.calls = bad, -1
+
+    def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        return {self.name: out.logits.sum() * (float("nan") if self.calls in self.bad else 0.0)}
+
+
+class Snapshots(L.Callback):
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.before.append(torch.cat([p.detach().flatten() for p in module.student.parameters()]))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.after.append(torch.cat([p.detach().flatten() for p in module.student.parameters()]))
+
+
+def test_a_skipped_step_leaves_weights_untouched():
+    """With weight decay and momentum any optimiser step would move the weights, even with a
+    zero gradient: equal weights before and after mean no step was taken."""
+    torch.manual_seed(0)
+    module = DistillModule(build_model("wrn", 10, 1, depth=10),
+                           Objective([CrossEntropy(Schedule(1.0)), NanProbe({1})]), 10,
+                           nan_guard=NanGuard("skip"))  # fmt: skip
+    snaps = Snapshots()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[snaps])  # fmt: skip
+    x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), 8))
+    assert len(snaps.after) == 3 and module.nan_guard.skipped == 1
+    assert not torch.equal(snaps.before[0], snaps.after[0])  # a real step
+    assert torch.equal(snaps.before[1], snaps.after[1])  # the NaN step: skipped
+    assert not torch.equal(snaps.before[2], snaps.after[2])
+    assert snaps.after[2].isfinite().all()
 
 
 def test_nan_stops_the_run_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch, teachers):
