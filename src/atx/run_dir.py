@@ -59,6 +59,22 @@ class Claim:
     finished: dict[str, Any] | None = None
 
 
+def is_rank_zero() -> bool:
+    """Rank 0 of this run, also for ranks a scheduler started (submitit sets no RANK)."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        return submitit.JobEnvironment().global_rank == 0
+    return rank_zero_only.rank == 0
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: ranks started at once may read it while rank 0 writes."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
@@ -116,11 +132,11 @@ def _record(run_dir: Path, config: dict[str, Any]) -> None:
     overrides = run_dir / HYDRA_DIR / "overrides.yaml"
     if overrides.is_file():
         kept = [o for o in yaml.safe_load(overrides.read_text()) or [] if _key(o) != "resume"]
-        overrides.write_text(yaml.safe_dump(kept))
+        _write(overrides, yaml.safe_dump(kept))
     if (run_dir / HYDRA_DIR).is_dir():
         for f in (run_dir / HYDRA_DIR).iterdir():
             shutil.copy2(f, state / HYDRA_DIR / f.name)
-    (state / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _write(state / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def _lock(run_dir: Path) -> None:
@@ -160,13 +176,13 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> Claim:
     try:
         return _claim(cfg, run_dir)
     except AtxError:
-        if rank_zero_only.rank == 0:
+        if is_rank_zero():
             _restore_hydra_files(run_dir)
         raise
 
 
 def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
-    rank0 = rank_zero_only.rank == 0
+    rank0 = is_rank_zero()
     config = OmegaConf.to_container(cfg, resolve=True)
     saved = run_dir / STATE_DIR / "config.yaml"
     resume = cfg.get("resume")
@@ -176,9 +192,8 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
     if not saved.is_file():
         if resume:
             raise AtxError(f"resume={resume}: not an atx run dir (no {STATE_DIR}/config.yaml)")
-        own = {HYDRA_DIR, STATE_DIR, WANDB_ID_FILE}
-        foreign = sorted(p.name for p in run_dir.iterdir()
-                         if p.name not in own and p.suffix != ".log")  # fmt: skip
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != WANDB_ID_FILE
+                         and not p.name.startswith(".") and p.suffix != ".log")  # fmt: skip
         if foreign:
             raise AtxError(
                 f"run dir '{run_dir}' already holds files not written by an atx run"
@@ -187,7 +202,7 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
         if rank0:
             _lock(run_dir)
             _record(run_dir, config)
-            id_file.write_text(secrets.token_hex(4))
+            _write(id_file, secrets.token_hex(4))
         return Claim(id_file.read_text().strip() if id_file.is_file() else "", teacher=teacher)
 
     diffs = differences(yaml.safe_load(saved.read_text()), config)
@@ -219,7 +234,7 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
         _record(run_dir, config)
         if not wandb_id:
             wandb_id = secrets.token_hex(4)
-            id_file.write_text(wandb_id)
+            _write(id_file, wandb_id)
     if found is not None and rank0:
         print(f"atx: resuming '{run_dir}' from {found[0].name} (epoch {found[1].get('epoch')},"
               f" step {found[1].get('global_step')})", file=sys.stderr)  # fmt: skip
