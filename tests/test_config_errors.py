@@ -224,26 +224,20 @@ def atx_train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["distill.at.beta=abc"], "atx: error: Error merging override distill.at.beta=abc: Value"),
-        (["optim.lr=-0.1"], "atx: error: optim.lr=-0.1 must be a finite number > 0"),
-    ],
-    ids=["composition", "start-up check"],
-)
-def test_cli_prints_exactly_one_line_and_exits_2(tmp_path, args, message):
-    result = atx_train(args, tmp_path)
+def test_cli_prints_exactly_one_line_and_exits_2(tmp_path):
+    """A composition error (Hydra's own message is several lines); start-up check errors go
+    the same way (tests/test_untrusted.py, tests/test_cli.py)."""
+    result = atx_train(["distill.at.beta=abc"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()]  # exactly one line
-    assert result.stderr.startswith(message)
+    assert result.stderr.startswith(
+        "atx: error: Error merging override distill.at.beta=abc: Value 'abc' of type 'str'"
+    )
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("args", [["distill.at.bta=3"], ["optim.lr=-0.1"]],
-                         ids=["composition", "start-up check"])  # fmt: skip
-def test_cli_debug_shows_the_traceback(tmp_path, args):
-    result = atx_train([*args, "debug=true"], tmp_path)
+def test_cli_debug_shows_the_traceback(tmp_path):
+    result = atx_train(["distill.at.bta=3", "debug=true"], tmp_path)
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
     assert "atx: error:" not in result.stderr
