@@ -35,7 +35,7 @@ TINY = [
     "logger=csv",
     "figure_images=2",
 ]
-CORES = len(os.sched_getaffinity(0))
+CORES = os.cpu_count()
 GPUS = torch.cuda.device_count()
 NO_GPU = "this machine has no CUDA GPU: use trainer=cpu"
 

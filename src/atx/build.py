@@ -357,8 +357,8 @@ def check_trainer(t: DictConfig) -> None:
                 f" set trainer.devices<={have}"
             )
     elif accelerator == "cpu" and wanted is not None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if wanted > (cores or 1):
+        cores = os.cpu_count() or 1  # the node's cores (a Slurm rank may be bound to fewer)
+        if wanted > cores:
             raise AtxError(
                 f"trainer.devices={t.devices} asks for {wanted} CPU processes but this machine"
                 f" has {cores} cores: set trainer.devices<={cores}"
