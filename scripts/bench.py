@@ -492,6 +492,14 @@ class Result:
         return out
 
 
+def next_round_s(result: Result, kept: dict[str, int], steps: int, block: int) -> float:
+    """The next round's expected seconds from the kept step times (warm-up and compilation
+    excluded), plus 5% for the Trainer set-up."""
+    times = result.times()
+    todo = [name for name, n in kept.items() if n < steps]
+    return 1.05 * sum(statistics.median(times[n]) * block for n in todo if n in times)
+
+
 def run_benchmark(
     rows: Sequence[Row],
     steps: int,
@@ -511,10 +519,10 @@ def run_benchmark(
     result = Result(batch_size=batch_size)
     kept, seen = dict.fromkeys(runners, 0), dict.fromkeys(runners, 0)
     probe = LoadProbe()
-    t_start, last_round, rnd = time.perf_counter(), 0.0, 0
+    t_start, rnd = time.perf_counter(), 0
     while any(n < steps for n in kept.values()):
         elapsed = time.perf_counter() - t_start
-        if rnd > 0 and elapsed + last_round > budget_s and min(kept.values()) > 0:
+        if rnd > 0 and elapsed + next_round_s(result, kept, steps, block) > budget_s:
             result.stopped_early = True
             break
         rnd += 1
@@ -531,7 +539,6 @@ def run_benchmark(
             kept[name] += len(keep)
             if keep:
                 result.blocks.append(Block(name, rnd, keep, load))
-        last_round = time.perf_counter() - t_start - elapsed
         if log:
             loads = [b.load for b in result.blocks if b.round == rnd and b.load is not None]
             load_s = f", other load {statistics.median(loads):.2f} cores" if loads else ""
