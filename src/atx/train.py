@@ -5,8 +5,10 @@
     atx-train -m distill.at.beta=500,1000 distill.at.p=1,2
 
 Each run writes into its Hydra run dir: ``.hydra/`` (the composed config), ``csv/`` metrics,
-``checkpoints/`` (last + best, student only), ``student.pt`` (the deliverable: a plain state
-dict), ``metrics.json`` and, when a teacher was used, ``attention.png``.
+``checkpoints/`` (last + best, every ``checkpoint.every_n_steps`` steps; student only),
+``student.pt`` (the deliverable: a plain state dict), ``metrics.json`` and, when a teacher was
+used, ``attention.png``; ``.atx/`` and ``wandb_id.txt`` mark which run owns the dir
+(``atx.run_dir``). ``atx-train resume=<run dir>`` continues an interrupted run (``atx.resume``).
 """
 
 from __future__ import annotations
