@@ -7,6 +7,7 @@ offset range, a biased offset or a wrong flip rate would exceed.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -337,11 +338,14 @@ def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    import json
 
-    rows = {r["path"]: r for r in json.loads(out.read_text())["loaders"]}
+    data = json.loads(out.read_text())
+    rows = {r["path"]: r for r in data["loaders"]}
     assert {"pil w0", "atx host", "atx device"} <= set(rows)
     assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in rows.values())
+    epochs = {r["path"]: r for r in data["epoch"]}  # both training paths timed one epoch
+    assert set(epochs) == {"atx", "per-image w0"}
+    assert all(r["epoch_s"] > 0 and r["images"] == 64 for r in epochs.values())
     assert "x the PIL loader" in result.stdout
 
 
