@@ -111,6 +111,7 @@ def runs(tmp_path_factory, teacher_pt) -> dict:
     for name in ("interrupted.ckpt", "step-8.ckpt"):  # a crash while writing, twice over
         ckpt = run / "checkpoints" / name
         ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    (run / "checkpoints" / ".last.ckpt.tmp999").write_bytes(b"PK")  # a writer killed mid-write
     out["resumed"] = finish(start([f"resume={run}", "logger=wandb"], env=wandb))
     job = out["sweep"] / "0"
     out["stamps"] = [(job / f).stat().st_mtime_ns for f in ("student.pt", "metrics.json")]
@@ -144,6 +145,7 @@ def test_sigkill_sigterm_and_corrupt_checkpoints_resume_to_the_same_weights(runs
     assert rc == 0, err[-3000:]
     assert "skipping unreadable checkpoint" in err and "interrupted.ckpt" in err
     assert "ckpt (epoch 0, step 6)" in err  # the epoch-end one: last or best
+    assert not list((runs["run"] / "checkpoints").glob(".*.tmp*"))
 
     reference, resumed = student(runs["sweep"] / "0"), student(runs["run"])
     assert reference.keys() == resumed.keys()

@@ -33,7 +33,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from atx.errors import AtxError
-from atx.resume import check_teacher, checkpoint_files, configured_teacher, newest_checkpoint
+from atx.resume import (
+    CHECKPOINT_DIR,
+    check_teacher,
+    checkpoint_files,
+    configured_teacher,
+    newest_checkpoint,
+)
 
 STATE_DIR = ".atx"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -162,7 +168,10 @@ def _finished(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     path = run_dir / "metrics.json"
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError:  # cut short while being written: the run's end is redone
+        return None
     wanted = cfg.trainer.get("max_epochs")
     more = isinstance(wanted, int) and wanted > 0 and metrics.get("epochs", 0) < wanted
     return None if more else metrics
@@ -231,6 +240,8 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
         check_teacher(found[1]["atx"]["teacher"], teacher, found[0])
     if rank0:
         _lock(run_dir)
+        for stale in (run_dir / CHECKPOINT_DIR).glob(".*.tmp*"):  # a writer killed mid-write
+            stale.unlink()
         _record(run_dir, config)
         if not wandb_id:
             wandb_id = secrets.token_hex(4)
