@@ -109,8 +109,8 @@ TEACHER = Row("teacher forward", "forward")
 TEACHER_GRAD = Row("teacher fwd+bwd", "forward")
 ATKD = Row("AT+KD", "atx")
 # the fastest correct options on our 2-core CPUs (bf16 is slower than float32 there, see
-# docs/benchmarks.md); on a GPU add precision="bf16-mixed" / "16-mixed" and compile
-FASTEST = dict(channels_last=True, inference_mode=True)
+# docs/benchmarks.md); on a GPU also try precision="bf16-mixed" / "16-mixed"
+FASTEST = dict(channels_last=True, inference_mode=True, compile=True)
 ROWS = (
     TEACHER,
     TEACHER_GRAD,
@@ -122,7 +122,7 @@ ROWS = (
     replace(ATKD, options="teacher bf16+inference", teacher_precision="bf16", inference_mode=True),
     replace(ATKD, options="compile", compile=True),
     replace(ATKD, options="fastest", **FASTEST),
-    Row("AT+KD", "raw", "fastest", channels_last=True),  # the same layout, no_grad teacher
+    Row("AT+KD", "raw", "fastest", channels_last=True, compile=True),  # no_grad teacher
 )
 EXTRA_ROWS = (Row("symmetry", "atx"), Row("min-l2", "atx"))  # by --rows only: slow steps
 BY_NAME = {r.name: r for r in (*ROWS, *EXTRA_ROWS)}
@@ -136,7 +136,6 @@ PROBES = (
     ("AT+KD atx", "default"),
     ("AT+KD atx", "mallopt"),
     ("AT+KD authors", "default"),
-    ("AT+KD atx fastest", "mallopt"),
 )
 QUICK_PROBES = ((TEACHER.name, "default"), (TEACHER.name, "mallopt"))
 
@@ -282,6 +281,9 @@ class RawRunner(LoopRunner):
             freeze(teacher).to(memory_format=fmt),
         )
         self.student.train()
+        if row.compile:
+            self.student.compile()
+            self.teacher.compile()
         self.kd, self.at = row.method in ("KD", "AT+KD"), row.method in ("AT", "AT+KD")
         self.channels_last, self.bf16 = row.channels_last, row.precision == "bf16-mixed"
         self.feats: dict[tuple[str, str], Tensor] = {}
@@ -573,13 +575,13 @@ def reset_peak_rss() -> None:
 
 
 def probe_row(row: Row, steps: int, warmup: int, batch_size: int) -> dict[str, float]:
-    """In this (fresh) process: ms/step, page faults per step and the peak RSS of the steps
-    above the built state (modules, optimiser, batches, one warm-up step)."""
+    """In this (fresh) process: ms/step and page faults per step after the warm-up, and the
+    peak RSS of all steps (warm-up included) above the built state (modules, batches)."""
     runner = make_runner(row, make_batches(2, batch_size))
-    runner(warmup)  # optimiser state and grads exist from here on
     gc.collect()
     reset_peak_rss()
     rss0, _ = rss_mb()
+    runner(warmup)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = runner(steps)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
@@ -784,11 +786,11 @@ def probe_report(probes: dict[tuple[str, str], dict[str, float]]) -> str:
                 f"allocator, {name}: default / mallopt time {d['ms'] / m['ms']:.2f}x,"
                 f" page faults {d['faults']:.0f} -> {m['faults']:.0f} per step"
             )
-    au, fa = get(("AT+KD authors", "default")), get(("AT+KD atx fastest", "mallopt"))
-    if au and fa:
+    au, at = get(("AT+KD authors", "default")), get(("AT+KD atx", "mallopt"))
+    if au and at:
         extra.append(
-            "speed-up vs authors as each runs by default (authors: glibc default,"
-            f" atx: fastest options + mallopt): {au['ms'] / fa['ms']:.2f}x"
+            "AT+KD float32 NCHW, each with its own allocator (authors: glibc default, atx:"
+            f" mallopt), speed-up of atx: {au['ms'] / at['ms']:.2f}x"
         )
     return "\n".join(lines + [""] + [f"- {e}" for e in extra])
 
@@ -801,7 +803,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: batch 4, 2 steps, 1 thread, no compile, 2 probes",
+        help="smoke run: batch 4, 2 steps, 1 thread, no compiled rows, 2 probes",
     )
     p.add_argument("--steps", type=int, default=14, help="kept steps per row")
     p.add_argument("--warmup", type=int, default=2, help="first steps of each row discarded")
@@ -827,9 +829,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="ROW",
         help=f"subset of rows (default: all): {'; '.join(BY_NAME)}",
     )
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument(
+        "--no-compile", action="store_true", help="skip the compiled rows (compile, both fastest)"
+    )
     p.add_argument("--probe-steps", type=int, default=6, help="timed steps per probe")
     p.add_argument("--no-probes", action="store_true", help="skip the subprocess probes")
+    p.add_argument("--probes-only", action="store_true", help="only the subprocess probes")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one probe and print JSON
     p.add_argument(
         "--allocator",
@@ -890,6 +895,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" allocator {allocator}; atx {source_revision()}",
         flush=True,
     )
+    if not args.probes_only:
+        in_process(args)
+    if not args.no_probes:
+        names = {r.name for r in args.row_list}
+        probes = {}
+        for name, alloc in QUICK_PROBES if args.quick else PROBES:
+            if name in names:
+                probes[(name, alloc)] = run_probe(name, alloc, args)
+                print(f"probe {name} ({alloc}): {probes[(name, alloc)]['ms']:.1f} ms", flush=True)
+        print("\n" + probe_report(probes))
+    return 0
+
+
+def in_process(args: argparse.Namespace) -> None:
+    """The round-robin run of every row in this process, and its report."""
     result = run_benchmark(
         args.row_list,
         args.steps,
@@ -913,15 +933,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         flush=True,
     )
-    if not args.no_probes:
-        names = {r.name for r in args.row_list}
-        probes = {}
-        for name, alloc in QUICK_PROBES if args.quick else PROBES:
-            if name in names:
-                probes[(name, alloc)] = run_probe(name, alloc, args)
-                print(f"probe {name} ({alloc}): {probes[(name, alloc)]['ms']:.1f} ms", flush=True)
-        print("\n" + probe_report(probes))
-    return 0
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys) -> None:
     for label in (
         "atx / raw: AT+KD |",
         "AT / (student + teacher forward), atx |",
-        "speed-up vs authors: AT+KD fastest",
+        "speed-up vs authors: AT+KD float32 NCHW",
         "grad-AT / (student + teacher fwd+bwd)",
     ):
         assert label in out, label

@@ -265,4 +265,4 @@ def test_bad_teacher_precision_is_one_clear_error(tmp_path: Path) -> None:
 def test_speed_presets_compose() -> None:
     assert compose_cfg([]).speed == OmegaConf.structured(SpeedConf())
     fast = OmegaConf.to_object(compose_cfg(["speed=fast"]).speed)
-    assert fast == SpeedConf(channels_last=True, teacher_inference_mode=True)
+    assert fast == SpeedConf(channels_last=True, compile=True, teacher_inference_mode=True)
