@@ -17,10 +17,11 @@ times, in round-robin blocks (machine noise hits every row alike), one training 
 * ``forward``: the teacher alone under ``no_grad`` (and forward + backward to its input,
   what grad-AT needs), the lower bounds of the ratios;
 * speed options of ``atx`` AT+KD: ``channels_last``, ``bf16-mixed``, a bf16 teacher under
-  ``inference_mode``, ``torch.compile``, and all correct ones together ("fastest").
+  ``inference_mode``, ``torch.compile``, and the fastest correct ones together ("fastest" =
+  ``speed=fast``: channels_last + compile + teacher inference_mode; bf16 is slower on our CPUs).
 
 Then fresh subprocesses ("probes") run one row each to measure what a shared process cannot:
-peak memory (``ru_maxrss`` high-water above the built state) and page faults per step
+peak memory (the RSS high-water mark, reset before the first step) and page faults per step
 (``ru_minflt``) under glibc's default allocator, atx's ``mallopt`` and the ``MALLOC_*_`` env vars.
 """
 
