@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from wandb_records import summarise
 
 from atx import build
-from atx.cluster import GpuClaim, check_launcher_matches_trainer
+from atx.cluster import GpuClaim, check_launcher_matches_trainer, sync_batchnorm
 from atx.errors import AtxError
 from atx.models import build_model
-from atx.train import CONF_DIR, sync_batchnorm, train
+from atx.train import CONF_DIR, train
 
 
 class _Submitted(Exception):

@@ -1,4 +1,5 @@
-"""Where the ranks of a run come from: Slurm / submitit jobs, and which GPU a local job gets.
+"""Where the ranks of a run come from: Slurm / submitit jobs, sweeps with several devices per
+job, which GPU a local job gets, and SyncBatchNorm for the student.
 
 Lightning's own ``ddp`` re-runs the command line for every extra rank, which breaks under a Hydra
 sweep (stack notes 1.3). Under the submitit launcher the ranks are created by the scheduler
@@ -13,10 +14,14 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from omegaconf import DictConfig, open_dict
 
 from atx.errors import AtxError
 
@@ -136,3 +141,51 @@ class GpuClaim:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def check_sync_batchnorm(trainer: DictConfig) -> None:
+    if trainer.get("sync_batchnorm") and str(trainer.get("accelerator")) not in ("gpu", "cuda"):
+        raise AtxError(
+            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm has no CPU kernel, stack"
+            " notes E21): add trainer.accelerator=gpu or drop trainer.sync_batchnorm"
+        )
+
+
+def sync_batchnorm(student: torch.nn.Module) -> torch.nn.Module:
+    """``trainer.sync_batchnorm=true``: the student's BN layers become SyncBatchNorm (batch
+    statistics over all ranks). Lightning's own switch would convert the frozen teacher too."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
+def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
+    """Lightning's ``ddp`` re-runs the command line for every rank, so under ``-m`` with an
+    in-process launcher each rank would run its own copy of the sweep (stack notes E3-E5)."""
+    t = cfg.trainer
+    several = str(t.get("devices", 1)) not in ("1", "[0]") or t.get("num_nodes", 1) != 1
+    in_process = "submitit" not in launcher
+    if several and in_process and str(t.get("strategy", "auto")) in ("ddp", "auto"):
+        raise AtxError(
+            "-m with trainer.strategy=ddp (or auto) on several devices would re-run the whole"
+            " sweep in every rank: use hydra/launcher=slurm (Slurm starts the ranks), or"
+            " hydra/launcher=local_ddp on this machine, or trainer.strategy=ddp_spawn, or run"
+            " each job without -m"
+        )
+
+
+@contextmanager
+def gpu_of_this_job(cfg: DictConfig, hc: Any) -> Iterator[None]:
+    """Local parallel sweeps (``hydra/launcher=parallel``) on a GPU machine: each one-device job
+    trains on a GPU no other job of the machine holds (``trainer.devices=[i]``)."""
+    t = cfg.trainer
+    joblib = "joblib" in str(hc.launcher.get("_target_", ""))
+    one_gpu = str(t.accelerator) in ("gpu", "cuda") and str(t.devices) == "1"
+    if not (joblib and one_gpu and torch.cuda.device_count() > 1):
+        yield
+        return
+    claim = GpuClaim(torch.cuda.device_count(), Path(hc.sweep.dir) / ".gpu_locks")
+    try:
+        with open_dict(cfg):
+            cfg.trainer.devices = [claim.index]
+        yield
+    finally:
+        claim.release()

@@ -18,9 +18,6 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +30,23 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from atx import build
 from atx.callbacks import AttentionFigures
 from atx.checkpoints import STUDENT_FILE
-from atx.cluster import GpuClaim, check_launcher_matches_trainer, cluster_plugins
+from atx.cluster import (
+    check_launcher_matches_trainer,
+    check_sweep_strategy,
+    check_sync_batchnorm,
+    cluster_plugins,
+    gpu_of_this_job,
+    sync_batchnorm,
+)
 from atx.config import check_schema_keys, composition_error_line, register
 from atx.errors import AtxError
+from atx.loggers import RunLabels, build_loggers, finish_wandb, flatten, run_labels
 from atx.module import DistillModule
 from atx.numerics import NanGuard
 from atx.resume import checkpoint_callbacks, configured_teacher, interrupted, with_atomic_io
@@ -53,16 +58,6 @@ register()
 warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repo's conf/ (editable install)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"distill": {"at": {"beta": 1}}}`` -> ``{"distill.at.beta": 1}`` (dashboard filters)."""
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -79,65 +74,6 @@ def check_config(cfg: DictConfig) -> None:
     build.check_keys(cfg.trainer, allowed, "trainer")
     build.check_trainer(cfg.trainer)
     check_sync_batchnorm(cfg.trainer)
-
-
-@dataclass
-class RunLabels:
-    """How a run shows up in W&B: sweep jobs are grouped by sweep dir and named from their
-    overrides; every run is tagged with the presets it was composed from."""
-
-    group: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-# overrides that say where things are, not what is compared: left out of W&B run names
-UNNAMED = ("hydra.", "hydra/", "trainer.enable_", "logger", "data.root", "teacher.checkpoint")
-
-
-def run_labels(hc: Any, cfg: DictConfig) -> RunLabels:
-    """W&B group, name and tags of the Hydra job ``hc`` (``HydraConfig.get()``)."""
-    choices = hc.runtime.choices
-    tags = [f"{g}:{choices[g]}" for g in ("experiment", "distill", "model", "teacher", "data")
-            if choices.get(g) not in (None, "null")]  # fmt: skip
-    if hc.mode != RunMode.MULTIRUN:
-        return RunLabels(tags=tags)
-    swept = swept_keys(Path(hc.sweep.dir) / "multirun.yaml")
-    shown = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(UNNAMED)
-             and (swept is None or o.lstrip("+~").split("=")[0] in swept)]  # fmt: skip
-    return RunLabels(str(hc.sweep.dir), " ".join([cfg.name, *shown]), tags)
-
-
-def swept_keys(multirun_yaml: Path) -> set[str] | None:
-    """The keys a sweep varies, read from the ``multirun.yaml`` Hydra writes into the sweep
-    dir (``distill.at.beta=500,1000`` -> ``distill.at.beta``); ``None`` if it is not there."""
-    if not multirun_yaml.is_file():
-        return None
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    task = OmegaConf.load(multirun_yaml).hydra.overrides.task
-    parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
-    return {o.key_or_group for o in parsed if o.is_sweep_override()}
-
-
-def build_loggers(
-    cfg: DictConfig, run_dir: Path, labels: RunLabels, flat_config: dict[str, Any],
-    wandb_id: str | None = None,
-) -> list[Any]:  # fmt: skip
-    loggers = []
-    for key, node in (cfg.logger or {}).items():
-        extra: dict[str, Any] = {"save_dir": str(run_dir)}
-        if node._target_.endswith("WandbLogger"):
-            if node.get("group") is None and labels.group:
-                extra["group"] = labels.group
-            if labels.name and node.get("name") == cfg.name:  # the default name: ${name}
-                extra["name"] = labels.name
-            extra["tags"] = [*(node.get("tags") or []), *labels.tags]
-            extra["config"] = flat_config
-            if wandb_id:  # the run dir's W&B run, continued when the run resumes
-                extra.update(id=wandb_id, resume="allow")
-        loggers.append(build.instantiate_checked(node, f"logger.{key}", **extra))
-    return loggers
 
 
 def train(
@@ -231,7 +167,7 @@ def train(
         trainer.fit(module, datamodule=data, weights_only=True,
                     ckpt_path=owner.checkpoint if owner else None)  # fmt: skip
     except SIGTERMException:
-        _finish_wandb(loggers)
+        finish_wandb(loggers)
         raise interrupted(trainer, run_dir) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -262,7 +198,7 @@ def train(
             for logger in loggers:
                 if hasattr(logger, "log_image"):  # W&B
                     logger.log_image(key="attention", images=[str(figure)])
-    _finish_wandb(loggers)
+    finish_wandb(loggers)
     return metrics
 
 
@@ -279,63 +215,6 @@ def fit_progress(trainer: L.Trainer, checkpoint: ModelCheckpoint) -> tuple[int, 
         if key.startswith("ModelCheckpoint") and callback.get("monitor") == checkpoint.monitor:
             return state["epoch"] + 1, callback.get("best_model_score")
     return state["epoch"] + 1, None
-
-
-def _finish_wandb(loggers: list[Any]) -> None:
-    """End the W&B run so the next job of a multirun starts its own (stack notes E13)."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
-def check_sync_batchnorm(trainer: DictConfig) -> None:
-    if trainer.get("sync_batchnorm") and str(trainer.get("accelerator")) not in ("gpu", "cuda"):
-        raise AtxError(
-            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm has no CPU kernel, stack"
-            " notes E21): add trainer.accelerator=gpu or drop trainer.sync_batchnorm"
-        )
-
-
-def sync_batchnorm(student: torch.nn.Module) -> torch.nn.Module:
-    """``trainer.sync_batchnorm=true``: the student's BN layers become SyncBatchNorm (batch
-    statistics over all ranks). Lightning's own switch would convert the frozen teacher too."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-
-
-def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
-    """Lightning's ``ddp`` re-runs the command line for every rank, so under ``-m`` with an
-    in-process launcher each rank would run its own copy of the sweep (stack notes E3-E5)."""
-    t = cfg.trainer
-    several = str(t.get("devices", 1)) not in ("1", "[0]") or t.get("num_nodes", 1) != 1
-    in_process = "submitit" not in launcher
-    if several and in_process and str(t.get("strategy", "auto")) in ("ddp", "auto"):
-        raise AtxError(
-            "-m with trainer.strategy=ddp (or auto) on several devices would re-run the whole"
-            " sweep in every rank: use hydra/launcher=slurm (Slurm starts the ranks), or"
-            " hydra/launcher=local_ddp on this machine, or trainer.strategy=ddp_spawn, or run"
-            " each job without -m"
-        )
-
-
-@contextmanager
-def gpu_of_this_job(cfg: DictConfig, hc: Any) -> Iterator[None]:
-    """Local parallel sweeps (``hydra/launcher=parallel``) on a GPU machine: each one-device job
-    trains on a GPU no other job of the machine holds (``trainer.devices=[i]``)."""
-    t = cfg.trainer
-    joblib = "joblib" in str(hc.launcher.get("_target_", ""))
-    one_gpu = str(t.accelerator) in ("gpu", "cuda") and str(t.devices) == "1"
-    if not (joblib and one_gpu and torch.cuda.device_count() > 1):
-        yield
-        return
-    claim = GpuClaim(torch.cuda.device_count(), Path(hc.sweep.dir) / ".gpu_locks")
-    try:
-        with open_dict(cfg):
-            cfg.trainer.devices = [claim.index]
-        yield
-    finally:
-        claim.release()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
