@@ -212,7 +212,8 @@ def test_dir_with_foreign_files_is_refused(tmp_path):
 
 
 def test_resume_argv_takes_the_runs_overrides(tmp_path, monkeypatch):
-    monkeypatch.delenv("ATX_RESUME_EXPANDED", raising=False)
+    monkeypatch.setenv("ATX_RESUME_EXPANDED", "")  # recorded, so it is unset again afterwards
+    monkeypatch.delenv("ATX_RESUME_EXPANDED")
     (tmp_path / ".atx" / ".hydra").mkdir(parents=True)
     (tmp_path / ".atx" / ".hydra" / "overrides.yaml").write_text(
         yaml.safe_dump(["model.depth=10", "trainer.max_epochs=2", f"resume={tmp_path}"])
@@ -262,3 +263,45 @@ def newest_checkpoint_in(folder: Path) -> dict:
     found = newest_checkpoint(run)
     assert found is not None
     return found[1]
+
+
+PREEMPTED = """
+import signal, sys
+from pathlib import Path
+
+run = Path(sys.argv[1])
+
+
+def requeue(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+    saved = (run / "checkpoints" / "interrupted.ckpt").is_file()
+    (run / "requeued").write_text(f"{signal.Signals(signum).name} saved={saved}")
+    sys.exit(3)
+
+
+signal.signal(signal.SIGUSR2, requeue)
+sys.argv = ["atx-train", *sys.argv[2:]]
+from atx.train import main
+
+main()
+"""
+
+
+def test_launcher_preemption_signal_saves_first_then_requeues(runs, tmp_path):
+    """Slurm/submitit preemption (USR2 to a process whose launcher handles it): the step ends,
+    interrupted.ckpt is written, then the launcher's handler runs; the requeued job resumes
+    to the uninterrupted weights."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED, str(run), *runs["args"],
+                             f"hydra.run.dir={run}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    signal_at(proc, run / "checkpoints" / "step-2.ckpt", signal.SIGUSR2)
+    code, err = finish(proc)
+    assert code == 3, err[-2000:]
+    assert (run / "requeued").read_text() == "SIGUSR2 saved=True"
+    saved = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert saved["global_step"] >= 2
+    code, err = finish(start([f"resume={run}"]))  # the requeued job
+    assert code == 0, err[-2000:]
+    reference = torch.load(runs["sweep"] / "0" / "student.pt", weights_only=True)
+    assert all(torch.equal(v, student(run)[k]) for k, v in reference.items())

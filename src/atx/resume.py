@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -179,6 +180,41 @@ class ResumeState(L.Callback):
         # Lightning raises this at a step boundary once SIGTERM arrived (every rank in DDP)
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.run_dir / CHECKPOINT_DIR / INTERRUPTED)
+
+
+class PreemptionHandover:
+    """A launcher's preemption signal waits for ``interrupted.ckpt``.
+
+    submitit (``hydra/launcher=slurm``) handles ``SUBMITIT_PREEMPT_SIGNAL`` (USR2), which Slurm
+    sends ``signal_delay_s`` before the time limit or on preemption, by requeueing the job and
+    exiting at once, mid-step. While a run fits, that signal is deferred: it is turned into a
+    SIGTERM for Lightning, which stops at the end of the current step, where
+    :class:`ResumeState` saves ``interrupted.ckpt``; then :meth:`hand_over` passes the signal to
+    the launcher's own handler, which requeues. With no handler installed (no launcher), the
+    signal is left alone.
+    """
+
+    def __init__(self) -> None:
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        self.signum = getattr(signal, f"SIG{name}", signal.SIGUSR2)
+        self.original = signal.getsignal(self.signum)
+        self.received: tuple[int, Any] | None = None
+        if callable(self.original):
+            signal.signal(self.signum, self._defer)
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self.received = (signum, frame)
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning: stop at the step boundary and save
+
+    def hand_over(self) -> None:
+        """Give a deferred signal to the handler it was meant for (it may exit the process)."""
+        self.restore()
+        if self.received is not None and callable(self.original):
+            self.original(*self.received)
+
+    def restore(self) -> None:
+        if callable(self.original):
+            signal.signal(self.signum, self.original)
 
 
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int, keep_last: int,

@@ -49,7 +49,13 @@ from atx.errors import AtxError
 from atx.loggers import RunLabels, build_loggers, finish_wandb, flatten, run_labels
 from atx.module import DistillModule
 from atx.numerics import NanGuard
-from atx.resume import checkpoint_callbacks, configured_teacher, interrupted, with_atomic_io
+from atx.resume import (
+    PreemptionHandover,
+    checkpoint_callbacks,
+    configured_teacher,
+    interrupted,
+    with_atomic_io,
+)
 from atx.run_dir import claim_run_dir, expand_resume_argv
 from atx.speed import check_speed, configure_allocator
 
@@ -163,12 +169,16 @@ def train(
         raise AtxError(f"trainer: {str(e).splitlines()[0]}") from e
     for logger in loggers:
         logger.log_hyperparams(flat_config)
+    preemption = PreemptionHandover()  # a Slurm/submitit preemption saves first, then requeues
     try:
         trainer.fit(module, datamodule=data, weights_only=True,
                     ckpt_path=owner.checkpoint if owner else None)  # fmt: skip
     except SIGTERMException:
         finish_wandb(loggers)
+        preemption.hand_over()
         raise interrupted(trainer, run_dir) from None
+    finally:
+        preemption.restore()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero:
