@@ -11,7 +11,6 @@ sets no Slurm variables, so :class:`SubmititEnvironment` tells Lightning about i
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvir
 from omegaconf import DictConfig, open_dict
 
 from atx.errors import AtxError
+from atx.files import try_lock
 
 
 class SubmititEnvironment(ClusterEnvironment):
@@ -123,14 +123,10 @@ class GpuClaim:
         self._file: IO[str] | None = None
         Path(lock_dir).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            handle = open(Path(lock_dir) / f"gpu{i}.lock", "w")  # noqa: SIM115 (held open)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                continue
-            self.index, self._file = i, handle
-            return
+            handle = try_lock(Path(lock_dir) / f"gpu{i}.lock")
+            if handle is not None:
+                self.index, self._file = i, handle
+                return
         raise AtxError(
             f"all {count} GPUs are taken by other jobs of this machine (locks in '{lock_dir}');"
             f" set hydra.launcher.n_jobs <= {count}"
@@ -138,8 +134,7 @@ class GpuClaim:
 
     def release(self) -> None:
         if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            self._file.close()  # closing the file releases its lock
             self._file = None
 
 

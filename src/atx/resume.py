@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from atx.checkpoints import resolve_weights_path
 from atx.data.sampler import ResumableRandomSampler
 from atx.errors import AtxError
+from atx.files import replace_atomically
 
 CHECKPOINT_DIR = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"  # written when SIGTERM stops a run
@@ -57,15 +58,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        replace_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def sha256_file(path: Path) -> str:

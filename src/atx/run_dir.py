@@ -18,7 +18,6 @@ Only keys in :data:`MAY_CHANGE` may differ between the launches of one run. A lo
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import secrets
@@ -33,6 +32,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from atx.errors import AtxError
+from atx.files import replace_atomically, try_lock
 from atx.resume import (
     CHECKPOINT_DIR,
     check_teacher,
@@ -76,9 +76,7 @@ def is_rank_zero() -> bool:
 
 def _write(path: Path, text: str) -> None:
     """Whole or not at all: ranks started at once may read it while rank 0 writes."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: f.write(text.encode()))
 
 
 def _key(override: str) -> str:
@@ -148,15 +146,12 @@ def _record(run_dir: Path, config: dict[str, Any]) -> None:
 def _lock(run_dir: Path) -> None:
     path = run_dir / STATE_DIR / "lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")  # noqa: SIM115 - held open until the process exits
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
+    f = try_lock(path)
+    if f is None:
         raise AtxError(
-            f"run dir '{run_dir}' is in use by another atx-train (pid {f.read().strip() or '?'});"
-            " wait for it or pick another hydra.run.dir"
-        ) from None
+            f"run dir '{run_dir}' is in use by another atx-train (pid"
+            f" {path.read_text().strip() or '?'}); wait for it or pick another hydra.run.dir"
+        )
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()

@@ -207,12 +207,12 @@ class TensorImageDataModule(L.LightningDataModule):
         assert self.x_train is not None and self.y_train is not None, "call setup() first"
         dataset = TensorPairDataset(self.x_train, self.y_train)
         # RandomSampler's order, restartable mid-epoch (atx.resume)
-        return self._loader(dataset, shuffle=False, sampler=ResumableRandomSampler(dataset))
+        return self._loader(dataset, sampler=ResumableRandomSampler(dataset))
 
     def val_dataloader(self) -> DataLoader:
         assert self.x_val is not None and self.y_val is not None, "call setup() first"
         dataset = TensorPairDataset(self.x_val, self.y_val)
-        return self._loader(dataset, shuffle=False, sampler=eval_sampler(self, dataset))
+        return self._loader(dataset, sampler=eval_sampler(self, dataset))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -250,16 +250,13 @@ class TensorImageDataModule(L.LightningDataModule):
         assert self.x_val is not None and self.y_val is not None
         return self.x_val[:n].cpu().clone(), self.y_val[:n].cpu().clone()
 
-    def _loader(
-        self, dataset: TensorPairDataset, shuffle: bool, sampler: Sampler | None = None
-    ) -> DataLoader:
+    def _loader(self, dataset: TensorPairDataset, sampler: Sampler | None) -> DataLoader:
         on_host = dataset.x.device.type == "cpu"  # device-resident: gather in the main process
         workers = self.num_workers if on_host else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
+            sampler=sampler,  # None: the sequential order
             collate_fn=collate_pairs,
             drop_last=False,
             num_workers=workers,

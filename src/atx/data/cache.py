@@ -11,7 +11,6 @@ cache file is ignored with a warning and rebuilt.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from atx.files import replace_atomically
 
 FORMAT = 1  # bump when the stored layout changes: old files then stop matching
 DIR_NAME = ".atx-cache"
@@ -84,15 +85,11 @@ def write(data: dict[str, Any], root: Path, name: str) -> Path | None:
     errors = []
     for folder in (root / DIR_NAME, user_cache_dir()):
         target = folder / name
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(data, tmp)
-            os.replace(tmp, target)
+            replace_atomically(target, lambda f: torch.save(data, f))
         except OSError as err:
             errors.append(f"{folder}: {err.strerror or err}")
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             continue
         if errors:
             warnings.warn(
