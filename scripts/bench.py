@@ -28,6 +28,7 @@ peak memory (the RSS high-water mark, reset before the first step) and page faul
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import gc
 import json
@@ -35,9 +36,11 @@ import logging
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -89,6 +92,7 @@ class Row:
     teacher_precision: str = "same"
     inference_mode: bool = False
     compile: bool = False
+    processes: int = 1  # > 1: DDP over that many CPU processes (gloo), threads split evenly
 
     @property
     def name(self) -> str:
@@ -124,8 +128,15 @@ ROWS = (
     replace(ATKD, options="compile", compile=True),
     replace(ATKD, options="fastest", **FASTEST),
     Row("AT+KD", "raw", "fastest", channels_last=True, compile=True),  # no_grad teacher
+    # the same global batch over 2 DDP processes of half the threads each (BN statistics per
+    # process: 64 images each at batch 128, as any DDP run without SyncBatchNorm)
+    replace(ATKD, options="fastest, ddp 2 processes", processes=2, **FASTEST),
 )
-EXTRA_ROWS = (Row("symmetry", "atx"), Row("min-l2", "atx"))  # by --rows only: slow steps
+EXTRA_ROWS = (
+    Row("symmetry", "atx"),  # by --rows only: slow steps
+    Row("min-l2", "atx"),
+    replace(ATKD, options="ddp 2 processes", processes=2),  # the test's DDP row: no compile
+)
 BY_NAME = {r.name: r for r in (*ROWS, *EXTRA_ROWS)}
 # probes: (row, allocator) in fresh processes; "default" = glibc as shipped (ATX_MALLOC=0)
 PROBES = (
@@ -420,11 +431,147 @@ class TeacherRunner(LoopRunner):
                 self.teacher(x)
 
 
+class DdpRunner:
+    """An ``atx`` row fitted by DDP over ``row.processes`` CPU processes (gloo), each with
+    ``threads // processes`` threads and its slice of the same global batches. The workers
+    (``--ddp-worker``) stay alive for the whole run and fit one long epoch; before each block
+    they wait for a ``go-<k>`` file holding its step count, and rank 0 writes the block's step
+    times (``on_train_batch_start`` -> ``on_train_batch_end``, the gradient all-reduce
+    included) to ``times-<k>.json``."""
+
+    def __init__(self, row: Row, batches: list[Batch], threads: int) -> None:
+        if threads % row.processes:
+            raise SystemExit(f"{row.name}: --threads {threads} does not split over"
+                             f" {row.processes} processes")  # fmt: skip
+        self.gate = Path(tempfile.mkdtemp(prefix="atx-bench-ddp-"))
+        self.block, n_batches = 0, len(batches)
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "WORLD_SIZE": str(row.processes), "NODE_RANK": "0"}  # fmt: skip
+        self.procs = []
+        for rank in range(row.processes):
+            log = open(self.gate / f"rank{rank}.log", "w")  # noqa: SIM115 (closed by the OS)
+            cmd = [sys.executable, __file__, "--ddp-worker", row.name, "--gate", str(self.gate),
+                   "--threads", str(threads // row.processes), "--batch-size",
+                   str(batches[0][0].shape[0]), "--n-batches", str(n_batches)]  # fmt: skip
+            self.procs.append(subprocess.Popen(
+                cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        atexit.register(self.close)
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the workers used so far (``/proc/<pid>/stat``)."""
+        total = 0.0
+        for p in self.procs:
+            try:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def __call__(self, steps: int) -> list[float]:
+        k, self.block = self.block, self.block + 1
+        write_atomically(self.gate / f"go-{k}", str(steps))
+        done = self.gate / f"times-{k}.json"
+        while not done.exists():
+            if any(p.poll() is not None for p in self.procs):
+                logs = (self.gate / "rank0.log").read_text()[-3000:]
+                raise RuntimeError(f"a DDP bench worker died:\n{logs}")
+            time.sleep(0.005)
+        return json.loads(done.read_text())
+
+    def close(self) -> None:
+        if self.procs and all(p.poll() is None for p in self.procs):
+            write_atomically(self.gate / f"go-{self.block}", "0")  # the workers exit
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class GatedTimer(StepTimer):
+    """In a DDP worker: wait for the parent's ``go-<k>`` before each block of steps; rank 0
+    writes the block's step times. A block of 0 steps ends the process."""
+
+    def __init__(self, gate: Path) -> None:
+        super().__init__()
+        self.gate, self.block, self.left = gate, 0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.left == 0:
+            go = self.gate / f"go-{self.block}"
+            while not go.exists():
+                time.sleep(0.002)
+            self.left = int(go.read_text())
+            if self.left == 0:
+                os._exit(0)  # both ranks read the same file: neither waits for the other
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.left -= 1
+        if self.left == 0:
+            if trainer.global_rank == 0:
+                write_atomically(self.gate / f"times-{self.block}.json", json.dumps(self.times))
+            self.times, self.block = [], self.block + 1
+
+
+class Forever(torch.utils.data.IterableDataset):
+    """This rank's slice of each global batch, cycled without end."""
+
+    def __init__(self, batches: list[Batch], rank: int, world: int) -> None:
+        n = batches[0][0].shape[0] // world
+        self.batches = [(x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
+                        for x, y in batches]  # fmt: skip
+
+    def __iter__(self):
+        while True:
+            yield from self.batches
+
+
+def ddp_worker(args: argparse.Namespace) -> None:
+    """One rank of a ``DdpRunner`` (started by it with the torch.distributed env vars set, so
+    Lightning joins them instead of launching processes)."""
+    row = BY_NAME[args.ddp_worker]
+    configure_allocator(True)
+    torch.manual_seed(0)
+    student = build_model("wrn", depth=16, width=1, num_classes=10)
+    teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
+    module = build_module(row, student, teacher)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    data = Forever(make_batches(args.n_batches, args.batch_size), rank, world)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy="ddp", precision=row.precision,
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, callbacks=[GatedTimer(Path(args.gate))],
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=None))
+
+
 RUNNERS = {"atx": AtxRunner, "raw": RawRunner, "authors": AuthorsRunner, "forward": TeacherRunner}
 
 
-def make_runner(row: Row, batches: list[Batch]) -> Callable[[int], list[float]]:
+def make_runner(
+    row: Row, batches: list[Batch], threads: int | None = None
+) -> Callable[[int], list[float]]:
     """A runner with its own student and teacher, built from the same seed for every row."""
+    if row.processes > 1:
+        return DdpRunner(row, batches, threads or torch.get_num_threads())
     torch.manual_seed(0)
     student = build_model("wrn", depth=16, width=1, num_classes=10)
     teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
@@ -450,18 +597,22 @@ class LoadProbe:
         # user nice system idle iowait irq softirq steal ...: all but idle and iowait
         return (sum(fields[:8]) - fields[3] - fields[4]) / self.tick
 
-    def start(self) -> None:
+    def start(self, helpers_s: float = 0.0) -> None:
+        """``helpers_s``: CPU seconds our helper processes (DDP workers) used so far."""
         t = os.times()
         busy = self._machine_busy_s()
-        self._start = None if busy is None else (time.perf_counter(), busy, t.user + t.system)
+        own = t.user + t.system + helpers_s
+        self._start = None if busy is None else (time.perf_counter(), busy, own)
 
-    def stop(self, children: bool = False) -> float | None:
-        """``children``: also count finished child processes as ours (the probes)."""
+    def stop(self, children: bool = False, helpers_s: float = 0.0) -> float | None:
+        """``children``: also count finished child processes as ours (the probes);
+        ``helpers_s``: as in ``start``, now."""
         busy = self._machine_busy_s()
         if self._start is None or busy is None:
             return None
         t = os.times()
-        own = t.user + t.system + ((t.children_user + t.children_system) if children else 0.0)
+        own = t.user + t.system + helpers_s
+        own += (t.children_user + t.children_system) if children else 0.0
         wall0, busy0, own0 = self._start
         wall = time.perf_counter() - wall0
         foreign = (busy - busy0) - (own - own0)
@@ -533,9 +684,10 @@ def run_benchmark(
             if kept[name] >= steps:
                 continue
             n = block if seen[name] >= warmup else warmup - seen[name] + block
-            probe.start()
+            helpers_s = getattr(runner, "cpu_s", lambda: 0.0)
+            probe.start(helpers_s())
             times = runner(n)
-            load = probe.stop()
+            load = probe.stop(helpers_s=helpers_s())
             keep = [t for i, t in enumerate(times) if seen[name] + i >= warmup]
             keep = keep[: steps - kept[name]]
             seen[name] += n
@@ -550,6 +702,8 @@ def run_benchmark(
                 f" {time.perf_counter() - t_start:.0f} s{load_s}"
             )
     result.wall_s = time.perf_counter() - t_start
+    for runner in runners.values():
+        getattr(runner, "close", lambda: None)()
     return result
 
 
@@ -678,6 +832,11 @@ RATIOS = (
         "speed-up vs authors: AT+KD fastest (target >= 1.5)",
         ("AT+KD authors",),
         ("AT+KD atx fastest",),
+    ),
+    (
+        "speed-up vs authors: AT+KD fastest, ddp 2 processes (target >= 1.5)",
+        ("AT+KD authors",),
+        ("AT+KD atx fastest, ddp 2 processes",),
     ),
     *(
         (f"speed-up of {r.options}: AT+KD", ("AT+KD atx",), (r.name,))
@@ -837,6 +996,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-probes", action="store_true", help="skip the subprocess probes")
     p.add_argument("--probes-only", action="store_true", help="only the subprocess probes")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one probe and print JSON
+    p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one rank of a DDP row
+    p.add_argument("--gate", help=argparse.SUPPRESS)
+    p.add_argument("--n-batches", type=int, default=4, help=argparse.SUPPRESS)
     p.add_argument(
         "--allocator",
         default="mallopt",
@@ -879,6 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_lightning()
     torch.set_num_threads(args.threads)
+    if args.ddp_worker:
+        ddp_worker(args)
+        return 0
     if args.probe:  # a fresh process for one row
         configure_allocator(args.allocator == "mallopt")
         print(

@@ -120,3 +120,23 @@ def test_probe_in_a_fresh_process(bench) -> None:
     assert probe["rss_mb"] > probe["peak_mb"]
     text = bench.probe_report({("AT atx", "mallopt"): probe})
     assert "| AT atx | mallopt |" in text
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ddp_row_runs_blocks_in_two_worker_processes(bench) -> None:
+    """The DDP row: two persistent Lightning DDP workers (gloo) run each block when told, rank
+    0 reports one time per step, their CPU time is known (so it is not 'other load'), and both
+    exit cleanly when closed."""
+    row = bench.BY_NAME["AT+KD atx ddp 2 processes"]
+    with pytest.raises(SystemExit, match="does not split"):
+        bench.make_runner(row, bench.make_batches(1, 4), threads=3)
+    runner = bench.make_runner(row, bench.make_batches(2, 4), threads=2)
+    procs = list(runner.procs)
+    try:
+        first, second = runner(2), runner(1)
+        assert len(first) == 2 and len(second) == 1
+        assert all(t > 0 for t in first + second)
+        assert runner.cpu_s() > 0
+    finally:
+        runner.close()
+    assert [p.returncode for p in procs] == [0, 0]

@@ -145,8 +145,9 @@ DDP = ["trainer.strategy=ddp", "trainer.devices=2", "data.val_subset=33", "logge
 
 
 def test_two_process_ddp_run_of_the_cli(tmp_path):
+    """The ``trainer=cpu_ddp`` preset (2 CPU processes, gloo) in a real run."""
     run_dir = tmp_path / "run"
-    result = atx_train([*FAST, *DDP, f"hydra.run.dir={run_dir}"],
+    result = atx_train([*FAST, "trainer=cpu_ddp", *DDP[2:], f"hydra.run.dir={run_dir}"],
                        env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started the second rank
