@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import resource
+import select
 import socket
 import statistics
 import subprocess
@@ -434,17 +435,21 @@ class TeacherRunner(LoopRunner):
 class DdpRunner:
     """An ``atx`` row fitted by DDP over ``row.processes`` CPU processes (gloo), each with
     ``threads // processes`` threads and its slice of the same global batches. The workers
-    (``--ddp-worker``) stay alive for the whole run and fit one long epoch; before each block
-    they wait for a ``go-<k>`` file holding its step count, and rank 0 writes the block's step
-    times (``on_train_batch_start`` -> ``on_train_batch_end``, the gradient all-reduce
-    included) to ``times-<k>.json``."""
+    (``--ddp-worker``) stay alive for the whole run and fit one long epoch. Named pipes gate
+    them without polling: before each block every rank blocks on reading its step count from
+    ``ctl-<rank>``, and rank 0 writes the block's step times (``on_train_batch_start`` ->
+    ``on_train_batch_end``, the gradient all-reduce included) as a JSON line to ``times``."""
 
     def __init__(self, row: Row, batches: list[Batch], threads: int) -> None:
         if threads % row.processes:
             raise SystemExit(f"{row.name}: --threads {threads} does not split over"
                              f" {row.processes} processes")  # fmt: skip
         self.gate = Path(tempfile.mkdtemp(prefix="atx-bench-ddp-"))
-        self.block, n_batches = 0, len(batches)
+        for name in (*(f"ctl-{r}" for r in range(row.processes)), "times"):
+            os.mkfifo(self.gate / name)
+        # O_RDWR: opening a FIFO so never blocks, and the pipes stay open whoever comes first
+        self.ctl = [os.open(self.gate / f"ctl-{r}", os.O_RDWR) for r in range(row.processes)]
+        self.times = os.fdopen(os.open(self.gate / "times", os.O_RDWR), "r")
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "WORLD_SIZE": str(row.processes), "NODE_RANK": "0"}  # fmt: skip
         self.procs = []
@@ -452,11 +457,20 @@ class DdpRunner:
             log = open(self.gate / f"rank{rank}.log", "w")  # noqa: SIM115 (closed by the OS)
             cmd = [sys.executable, __file__, "--ddp-worker", row.name, "--gate", str(self.gate),
                    "--threads", str(threads // row.processes), "--batch-size",
-                   str(batches[0][0].shape[0]), "--n-batches", str(n_batches)]  # fmt: skip
+                   str(batches[0][0].shape[0]), "--n-batches", str(len(batches))]  # fmt: skip
             self.procs.append(subprocess.Popen(
                 cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
         atexit.register(self.close)
+        # start-up (imports, process group) before other rows run, so it is no row's load
+        self._wait(lambda: all((self.gate / f"ready-{r}").exists() for r in range(row.processes)))
+
+    def _wait(self, done: Callable[[], bool]) -> None:
+        while not done():
+            if any(p.poll() is not None for p in self.procs):
+                log = (self.gate / "rank0.log").read_text()[-3000:]
+                raise RuntimeError(f"a DDP bench worker died:\n{log}")
+            select.select([self.times], [], [], 0.5)
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the workers used so far (``/proc/<pid>/stat``)."""
@@ -470,19 +484,17 @@ class DdpRunner:
         return total
 
     def __call__(self, steps: int) -> list[float]:
-        k, self.block = self.block, self.block + 1
-        write_atomically(self.gate / f"go-{k}", str(steps))
-        done = self.gate / f"times-{k}.json"
-        while not done.exists():
-            if any(p.poll() is not None for p in self.procs):
-                logs = (self.gate / "rank0.log").read_text()[-3000:]
-                raise RuntimeError(f"a DDP bench worker died:\n{logs}")
-            time.sleep(0.005)
-        return json.loads(done.read_text())
+        for fd in self.ctl:
+            os.write(fd, f"{steps}\n".encode())
+        self._wait(lambda: bool(select.select([self.times], [], [], 0)[0]))
+        return json.loads(self.times.readline())
 
     def close(self) -> None:
-        if self.procs and all(p.poll() is None for p in self.procs):
-            write_atomically(self.gate / f"go-{self.block}", "0")  # the workers exit
+        for fd in self.ctl:
+            os.write(fd, b"0\n")  # the workers exit
+            os.close(fd)
+        self.ctl = []
+        self.times.close()
         for p in self.procs:
             try:
                 p.wait(timeout=30)
@@ -497,37 +509,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class GatedTimer(StepTimer):
-    """In a DDP worker: wait for the parent's ``go-<k>`` before each block of steps; rank 0
-    writes the block's step times. A block of 0 steps ends the process."""
+    """In a DDP worker: before each block, block on reading its step count from this rank's
+    pipe; rank 0 writes the block's step times. A block of 0 steps ends the process."""
 
-    def __init__(self, gate: Path) -> None:
+    def __init__(self, gate: Path, rank: int) -> None:
         super().__init__()
-        self.gate, self.block, self.left = gate, 0, 0
+        self.gate, self.rank, self.left = gate, rank, 0
+        self.ctl = open(gate / f"ctl-{rank}")  # noqa: SIM115 (the process's lifetime)
+        self.out = open(gate / "times", "w") if rank == 0 else None  # noqa: SIM115
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (self.gate / f"ready-{self.rank}").touch()  # set up: the parent may go on
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.left == 0:
-            go = self.gate / f"go-{self.block}"
-            while not go.exists():
-                time.sleep(0.002)
-            self.left = int(go.read_text())
+            self.left = int(self.ctl.readline() or 0)  # "" = the parent is gone
             if self.left == 0:
-                os._exit(0)  # both ranks read the same file: neither waits for the other
+                os._exit(0)  # every rank reads its own 0: none waits for another
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.left -= 1
         if self.left == 0:
-            if trainer.global_rank == 0:
-                write_atomically(self.gate / f"times-{self.block}.json", json.dumps(self.times))
-            self.times, self.block = [], self.block + 1
+            if self.out is not None:
+                self.out.write(json.dumps(self.times) + "\n")
+                self.out.flush()
+            self.times = []
 
 
 class Forever(torch.utils.data.IterableDataset):
@@ -558,7 +567,7 @@ def ddp_worker(args: argparse.Namespace) -> None:
         accelerator="cpu", devices=world, strategy="ddp", precision=row.precision,
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        use_distributed_sampler=False, callbacks=[GatedTimer(Path(args.gate))],
+        use_distributed_sampler=False, callbacks=[GatedTimer(Path(args.gate), rank)],
     )  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=None))
 
