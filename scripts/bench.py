@@ -18,7 +18,9 @@ times, in round-robin blocks (machine noise hits every row alike), one training 
   what grad-AT needs), the lower bounds of the ratios;
 * speed options of ``atx`` AT+KD: ``channels_last``, ``bf16-mixed``, a bf16 teacher under
   ``inference_mode``, ``torch.compile``, and the fastest correct ones together ("fastest" =
-  ``speed=fast``: channels_last + compile + teacher inference_mode; bf16 is slower on our CPUs).
+  ``speed=fast``: channels_last + compile + teacher inference_mode; bf16 is slower on our CPUs),
+  and the fastest options over 2 DDP processes of half the threads each (``trainer=cpu_ddp``,
+  the same global batch split in two; workers in subprocesses, gated block by block).
 
 Then fresh subprocesses ("probes") run one row each to measure what a shared process cannot:
 peak memory (the RSS high-water mark, reset before the first step) and page faults per step
@@ -1021,7 +1023,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown := [n for n in args.rows or [] if n not in BY_NAME]:
         p.error(f"unknown row {unknown[0]!r}; rows: {'; '.join(BY_NAME)}")
     rows = [BY_NAME[n] for n in args.rows] if args.rows else list(ROWS)
-    args.row_list = [r for r in rows if not (args.no_compile and r.compile)]
+    unsplit = [r.name for r in rows if args.threads % r.processes]
+    if args.rows and unsplit:
+        p.error(f"row {unsplit[0]!r} needs --threads divisible by its processes")
+    args.row_list = [
+        r for r in rows if not (args.no_compile and r.compile) and r.name not in unsplit
+    ]
     return args
 
 

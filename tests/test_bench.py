@@ -55,6 +55,10 @@ def test_parse_args(bench) -> None:
     assert [r.name for r in some.row_list] == ["AT atx", "symmetry atx"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "AT atxx"])
+    one_thread = bench.parse_args(["--threads", "1"])  # 2 processes cannot share 1 thread
+    assert [r.name for r in one_thread.row_list if r.processes > 1] == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--threads", "1", "--rows", "AT+KD atx ddp 2 processes"])
 
 
 def test_authors_step_mirrors_the_same_network_and_loss(bench) -> None:
