@@ -96,6 +96,12 @@ class Row:
     inference_mode: bool = False
     compile: bool = False
     processes: int = 1  # > 1: DDP over that many CPU processes (gloo), threads split evenly
+    allocator: str = "mallopt"  # "default": glibc as shipped, in a process of its own
+
+    @property
+    def own_process(self) -> bool:
+        """Runs in worker subprocesses (``WorkerRunner``), not in the benchmark's process."""
+        return self.processes > 1 or self.allocator != "mallopt"
 
     @property
     def name(self) -> str:
@@ -125,6 +131,8 @@ ROWS = (
     *(Row(m, "atx") for m in ("student", "KD", "AT", "AT+KD", "F-ActT", "grad-AT")),
     *(Row(m, "raw") for m in ("student", "KD", "AT", "AT+KD")),
     *(Row(m, "authors") for m in ("student", "KD", "AT", "AT+KD")),
+    # the authors' step as they ship it: glibc's default allocator (a process of its own)
+    Row("AT+KD", "authors", "glibc malloc", allocator="default"),
     replace(ATKD, options="channels_last", channels_last=True),
     replace(ATKD, options="bf16-mixed", precision="bf16-mixed"),
     replace(ATKD, options="teacher bf16+inference", teacher_precision="bf16", inference_mode=True),
@@ -434,11 +442,12 @@ class TeacherRunner(LoopRunner):
                 self.teacher(x)
 
 
-class DdpRunner:
-    """An ``atx`` row fitted by DDP over ``row.processes`` CPU processes (gloo), each with
-    ``threads // processes`` threads and its slice of the same global batches. The workers
-    (``--ddp-worker``) stay alive for the whole run and fit one long epoch. Named pipes gate
-    them without polling: before each block every rank blocks on reading its step count from
+class WorkerRunner:
+    """A row in worker subprocesses (``--worker``) that stay alive for the whole run: a loop
+    row with its own allocator in one process, or an ``atx`` row fitted by DDP over
+    ``row.processes`` CPU processes (gloo), each with ``threads // processes`` threads and its
+    slice of the same global batches (one long epoch). Named pipes gate them without
+    polling: before each block every rank blocks on reading its step count from
     ``ctl-<rank>``, and rank 0 writes the block's step times (``on_train_batch_start`` ->
     ``on_train_batch_end``, the gradient all-reduce included) as a JSON line to ``times``."""
 
@@ -452,12 +461,13 @@ class DdpRunner:
         # O_RDWR: opening a FIFO so never blocks, and the pipes stay open whoever comes first
         self.ctl = [os.open(self.gate / f"ctl-{r}", os.O_RDWR) for r in range(row.processes)]
         self.times = os.fdopen(os.open(self.gate / "times", os.O_RDWR), "r")
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+        env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "WORLD_SIZE": str(row.processes), "NODE_RANK": "0"}  # fmt: skip
         self.procs = []
         for rank in range(row.processes):
             log = open(self.gate / f"rank{rank}.log", "w")  # noqa: SIM115 (closed by the OS)
-            cmd = [sys.executable, __file__, "--ddp-worker", row.name, "--gate", str(self.gate),
+            cmd = [sys.executable, __file__, "--worker", row.name, "--gate", str(self.gate),
                    "--threads", str(threads // row.processes), "--batch-size",
                    str(batches[0][0].shape[0]), "--n-batches", str(len(batches))]  # fmt: skip
             self.procs.append(subprocess.Popen(
@@ -554,11 +564,26 @@ class Forever(torch.utils.data.IterableDataset):
             yield from self.batches
 
 
-def ddp_worker(args: argparse.Namespace) -> None:
-    """One rank of a ``DdpRunner`` (started by it with the torch.distributed env vars set, so
-    Lightning joins them instead of launching processes)."""
-    row = BY_NAME[args.ddp_worker]
-    configure_allocator(True)
+def worker(args: argparse.Namespace) -> None:
+    """A ``WorkerRunner``'s process: a loop row serving blocks, or one DDP rank."""
+    row = BY_NAME[args.worker]
+    configure_allocator(row.allocator == "mallopt")
+    if row.processes == 1:
+        batches = make_batches(args.n_batches, args.batch_size)
+        runner = make_runner(replace(row, allocator="mallopt"), batches)
+        gate = Path(args.gate)
+        ctl, out = open(gate / "ctl-0"), open(gate / "times", "w")
+        (gate / "ready-0").touch()
+        while (steps := int(ctl.readline() or 0)) > 0:
+            out.write(json.dumps(runner(steps)) + "\n")
+            out.flush()
+        return
+    ddp_worker(row, args)
+
+
+def ddp_worker(row: Row, args: argparse.Namespace) -> None:
+    """One rank of a DDP row (started with the torch.distributed env vars set, so Lightning
+    joins them instead of launching processes)."""
     torch.manual_seed(0)
     student = build_model("wrn", depth=16, width=1, num_classes=10)
     teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
@@ -581,8 +606,8 @@ def make_runner(
     row: Row, batches: list[Batch], threads: int | None = None
 ) -> Callable[[int], list[float]]:
     """A runner with its own student and teacher, built from the same seed for every row."""
-    if row.processes > 1:
-        return DdpRunner(row, batches, threads or torch.get_num_threads())
+    if row.own_process:
+        return WorkerRunner(row, batches, threads or torch.get_num_threads())
     torch.manual_seed(0)
     student = build_model("wrn", depth=16, width=1, num_classes=10)
     teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
@@ -609,7 +634,7 @@ class LoadProbe:
         return (sum(fields[:8]) - fields[3] - fields[4]) / self.tick
 
     def start(self, helpers_s: float = 0.0) -> None:
-        """``helpers_s``: CPU seconds our helper processes (DDP workers) used so far."""
+        """``helpers_s``: CPU seconds our helper processes (row workers) used so far."""
         t = os.times()
         busy = self._machine_busy_s()
         own = t.user + t.system + helpers_s
@@ -850,6 +875,18 @@ RATIOS = (
         ("AT+KD atx fastest, ddp 2 processes",),
     ),
     *(
+        (
+            f"speed-up vs authors as released (glibc malloc): AT+KD {label}",
+            ("AT+KD authors glibc malloc",),
+            (name,),
+        )
+        for label, name in (
+            ("float32 NCHW (target >= 1.0)", "AT+KD atx"),
+            ("fastest (target >= 1.5)", "AT+KD atx fastest"),
+            ("fastest, ddp 2 processes (target >= 1.5)", "AT+KD atx fastest, ddp 2 processes"),
+        )
+    ),
+    *(
         (f"speed-up of {r.options}: AT+KD", ("AT+KD atx",), (r.name,))
         for r in ROWS
         if r.method == "AT+KD" and r.path == "atx" and r.options
@@ -1007,7 +1044,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-probes", action="store_true", help="skip the subprocess probes")
     p.add_argument("--probes-only", action="store_true", help="only the subprocess probes")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one probe and print JSON
-    p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one rank of a DDP row
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: a row's own process
     p.add_argument("--gate", help=argparse.SUPPRESS)
     p.add_argument("--n-batches", type=int, default=4, help=argparse.SUPPRESS)
     p.add_argument(
@@ -1057,8 +1094,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_lightning()
     torch.set_num_threads(args.threads)
-    if args.ddp_worker:
-        ddp_worker(args)
+    if args.worker:
+        worker(args)
         return 0
     if args.probe:  # a fresh process for one row
         configure_allocator(args.allocator == "mallopt")
