@@ -39,6 +39,7 @@ import os
 import platform
 import resource
 import select
+import shutil
 import socket
 import statistics
 import subprocess
@@ -455,7 +456,7 @@ class WorkerRunner:
         if threads % row.processes:
             raise SystemExit(f"{row.name}: --threads {threads} does not split over"
                              f" {row.processes} processes")  # fmt: skip
-        self.gate = Path(tempfile.mkdtemp(prefix="atx-bench-ddp-"))
+        self.gate = Path(tempfile.mkdtemp(prefix="atx-bench-worker-"))
         for name in (*(f"ctl-{r}" for r in range(row.processes)), "times"):
             os.mkfifo(self.gate / name)
         # O_RDWR: opening a FIFO so never blocks, and the pipes stay open whoever comes first
@@ -481,7 +482,7 @@ class WorkerRunner:
         while not done():
             if any(p.poll() is not None for p in self.procs):
                 log = (self.gate / "rank0.log").read_text()[-3000:]
-                raise RuntimeError(f"a DDP bench worker died:\n{log}")
+                raise RuntimeError(f"a bench worker of this row died:\n{log}")
             select.select([self.times], [], [], 0.5)
 
     def cpu_s(self) -> float:
@@ -513,6 +514,7 @@ class WorkerRunner:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs = []
+        shutil.rmtree(self.gate, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -521,22 +523,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class GatedTimer(StepTimer):
-    """In a DDP worker: before each block, block on reading its step count from this rank's
-    pipe; rank 0 writes the block's step times. A block of 0 steps ends the process."""
+class WorkerGate:
+    """A worker's end of a ``WorkerRunner``'s pipes: step counts in, rank 0's step times out."""
 
     def __init__(self, gate: Path, rank: int) -> None:
-        super().__init__()
-        self.gate, self.rank, self.left = gate, rank, 0
+        self.gate, self.rank = gate, rank
         self.ctl = open(gate / f"ctl-{rank}")  # noqa: SIM115 (the process's lifetime)
         self.out = open(gate / "times", "w") if rank == 0 else None  # noqa: SIM115
 
+    def ready(self) -> None:
+        """Set up: the parent may go on with the other rows."""
+        (self.gate / f"ready-{self.rank}").touch()
+
+    def next_block(self) -> int:
+        """Block until the parent sends the next block's step count (0: stop; "" = it is gone)."""
+        return int(self.ctl.readline() or 0)
+
+    def report(self, times: list[float]) -> None:
+        if self.out is not None:
+            self.out.write(json.dumps(times) + "\n")
+            self.out.flush()
+
+
+class GatedTimer(StepTimer):
+    """In a DDP worker: wait for each block's step count before its first step, report the
+    block's step times after its last; a block of 0 steps ends the process."""
+
+    def __init__(self, gate: WorkerGate) -> None:
+        super().__init__()
+        self.gate, self.left = gate, 0
+
     def on_train_start(self, trainer, pl_module) -> None:
-        (self.gate / f"ready-{self.rank}").touch()  # set up: the parent may go on
+        self.gate.ready()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.left == 0:
-            self.left = int(self.ctl.readline() or 0)  # "" = the parent is gone
+            self.left = self.gate.next_block()
             if self.left == 0:
                 os._exit(0)  # every rank reads its own 0: none waits for another
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
@@ -545,9 +567,7 @@ class GatedTimer(StepTimer):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.left -= 1
         if self.left == 0:
-            if self.out is not None:
-                self.out.write(json.dumps(self.times) + "\n")
-                self.out.flush()
+            self.gate.report(self.times)
             self.times = []
 
 
@@ -568,33 +588,33 @@ def worker(args: argparse.Namespace) -> None:
     """A ``WorkerRunner``'s process: a loop row serving blocks, or one DDP rank."""
     row = BY_NAME[args.worker]
     configure_allocator(row.allocator == "mallopt")
+    rank = int(os.environ.get("RANK", 0))
+    gate = WorkerGate(Path(args.gate), rank)
     if row.processes == 1:
         batches = make_batches(args.n_batches, args.batch_size)
+        # the row's own loop runner, here in this process (own_process false: no new worker)
         runner = make_runner(replace(row, allocator="mallopt"), batches)
-        gate = Path(args.gate)
-        ctl, out = open(gate / "ctl-0"), open(gate / "times", "w")
-        (gate / "ready-0").touch()
-        while (steps := int(ctl.readline() or 0)) > 0:
-            out.write(json.dumps(runner(steps)) + "\n")
-            out.flush()
+        gate.ready()
+        while (steps := gate.next_block()) > 0:
+            gate.report(runner(steps))
         return
-    ddp_worker(row, args)
+    ddp_worker(row, args, gate)
 
 
-def ddp_worker(row: Row, args: argparse.Namespace) -> None:
+def ddp_worker(row: Row, args: argparse.Namespace, gate: WorkerGate) -> None:
     """One rank of a DDP row (started with the torch.distributed env vars set, so Lightning
     joins them instead of launching processes)."""
     torch.manual_seed(0)
     student = build_model("wrn", depth=16, width=1, num_classes=10)
     teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
     module = build_module(row, student, teacher)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    data = Forever(make_batches(args.n_batches, args.batch_size), rank, world)
+    world = int(os.environ["WORLD_SIZE"])
+    data = Forever(make_batches(args.n_batches, args.batch_size), gate.rank, world)
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy="ddp", precision=row.precision,
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        use_distributed_sampler=False, callbacks=[GatedTimer(Path(args.gate), rank)],
+        use_distributed_sampler=False, callbacks=[GatedTimer(gate)],
     )  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=None))
 
