@@ -51,6 +51,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# Before torch loads oneDNN: room for every row's convolution primitives (default 1024). With ~20
+# model pairs in one process the default LRU cache thrashes, and rows re-create kernels each
+# block; a real run has one pair. Worker and probe processes inherit it.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
 import lightning as L
 import torch
 import torch.nn.functional as F
