@@ -597,8 +597,7 @@ def worker(args: argparse.Namespace) -> None:
     gate = WorkerGate(Path(args.gate), rank)
     if row.processes == 1:
         batches = make_batches(args.n_batches, args.batch_size)
-        # the row's own loop runner, here in this process (own_process false: no new worker)
-        runner = make_runner(replace(row, allocator="mallopt"), batches)
+        runner = RUNNERS[row.path](row, *build_pair(), batches)  # the loop, in this process
         gate.ready()
         while (steps := gate.next_block()) > 0:
             gate.report(runner(steps))
@@ -609,10 +608,7 @@ def worker(args: argparse.Namespace) -> None:
 def ddp_worker(row: Row, args: argparse.Namespace, gate: WorkerGate) -> None:
     """One rank of a DDP row (started with the torch.distributed env vars set, so Lightning
     joins them instead of launching processes)."""
-    torch.manual_seed(0)
-    student = build_model("wrn", depth=16, width=1, num_classes=10)
-    teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
-    module = build_module(row, student, teacher)
+    module = build_module(row, *build_pair())
     world = int(os.environ["WORLD_SIZE"])
     data = Forever(make_batches(args.n_batches, args.batch_size), gate.rank, world)
     trainer = L.Trainer(
@@ -633,10 +629,14 @@ def make_runner(
     """A runner with its own student and teacher, built from the same seed for every row."""
     if row.own_process:
         return WorkerRunner(row, batches, threads or torch.get_num_threads())
+    return RUNNERS[row.path](row, *build_pair(), batches)
+
+
+def build_pair() -> tuple[nn.Module, nn.Module]:
+    """WRN-16-1 student and frozen WRN-16-2 teacher, from seed 0 (the same for every row)."""
     torch.manual_seed(0)
     student = build_model("wrn", depth=16, width=1, num_classes=10)
-    teacher = freeze(build_model("wrn", depth=16, width=2, num_classes=10))
-    return RUNNERS[row.path](row, student, teacher, batches)
+    return student, freeze(build_model("wrn", depth=16, width=2, num_classes=10))
 
 
 # -- machine load ------------------------------------------------------------------------------
