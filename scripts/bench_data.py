@@ -21,6 +21,10 @@ path (composed config, DistillModule, Trainer) with the device-resident pipeline
 per-image DataLoader (``data.num_workers`` from ``--workers``); the window runs from the first
 training batch of the last epoch to the end of its last step (loader start-up, warm-up epochs and
 validation excluded). ``--train-subset`` shortens the epoch for a quick check on the CPU.
+``--options`` adds an atx epoch per speed switch (``channels_last``, ``compile``,
+``teacher-inference``, ``bf16-mixed``, ``16-mixed``, ``cudnn-benchmark``, ``fastest`` =
+``speed=fast``, ``fastest+16-mixed``), each reported as a speed-up of the plain atx epoch; on
+``--device cuda`` all of them run unless ``--options`` names some (or none).
 
 Without ``--root`` a synthetic CIFAR-10-sized copy (50k + 10k random images) is written in
 torchvision's pickle layout into a temporary folder; ``--root`` takes a real copy (either layout).
@@ -28,6 +32,7 @@ torchvision's pickle layout into a temporary folder; ``--root`` takes a real cop
     python scripts/bench_data.py                       # loaders on the CPU (~1 min on 2 cores)
     python scripts/bench_data.py --device cuda --workers 0 4 8 --epoch
     python scripts/bench_data.py --epoch --train-subset 2048 --workers 0 2
+    python scripts/bench_data.py --epoch-only --train-subset 2048 --options channels_last compile
 """
 
 from __future__ import annotations
@@ -324,7 +329,34 @@ def epoch_overrides(args: argparse.Namespace, root: Path, teacher: Path) -> list
     return out + list(args.override)
 
 
+# Speed switches timed as extra epochs of the atx path (``--options``): name -> overrides.
+EPOCH_OPTIONS: dict[str, list[str]] = {
+    "channels_last": ["speed.channels_last=true"],
+    "compile": ["speed.compile=true"],
+    "teacher-inference": ["speed.teacher_inference_mode=true"],
+    "bf16-mixed": ["trainer.precision=bf16-mixed"],
+    "16-mixed": ["trainer.precision=16-mixed"],
+    "cudnn-benchmark": ["trainer.benchmark=true"],
+    "fastest": ["speed=fast"],
+    "fastest+16-mixed": ["speed=fast", "trainer.precision=16-mixed", "trainer.benchmark=true"],
+}
+GPU_ONLY_OPTIONS = ("16-mixed", "cudnn-benchmark", "fastest+16-mixed")  # no-ops / bf16 on the CPU
+DEFAULT_GPU_OPTIONS = list(EPOCH_OPTIONS)
+
+
+def epoch_paths(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(label, data module class, overrides) of every timed epoch run: the atx pipeline first
+    (the reference of the ratios), then the per-image loaders, then atx with each option."""
+    paths = [("atx", "TimedCIFAR10", ["data.device_resident=true"])]
+    paths += [(f"per-image w{w}", "TimedPerImageCIFAR10",
+               ["data.device_resident=false", f"data.num_workers={w}"]) for w in args.workers]
+    paths += [(f"atx {name}", "TimedCIFAR10", ["data.device_resident=true", *EPOCH_OPTIONS[name]])
+              for name in args.options]  # fmt: skip
+    return paths
+
+
 def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
+    import torch._dynamo
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -333,11 +365,8 @@ def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
     from atx.train import CONF_DIR, train
 
     teacher = work / "teacher.pt"  # random weights of the configured teacher, written below
-    paths = [("atx", "TimedCIFAR10", ["data.device_resident=true"])]
-    paths += [(f"per-image w{w}", "TimedPerImageCIFAR10",
-               ["data.device_resident=false", f"data.num_workers={w}"]) for w in args.workers]
     rows = []
-    for label, cls, extra in paths:
+    for label, cls, extra in epoch_paths(args):
         overrides = epoch_overrides(args, root, teacher) + extra
         overrides.append(f"data._target_={__name__}.{cls}")
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -353,28 +382,44 @@ def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
         clock = "atx" if cls == "TimedCIFAR10" else "per-image"
         EPOCH_LOG[clock] = []
         print(f"  epoch run: {label} ...", flush=True)
+        cudnn_benchmark = torch.backends.cudnn.benchmark  # the Trainer sets it: one run only
         meter = OtherLoad()
         meter.start()
-        train(cfg, run_dir)
+        try:
+            train(cfg, run_dir)
+        finally:
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            torch._dynamo.reset()  # compiled runs do not share caches or recompile limits
         load = meter.stop()
         stamps = EPOCH_LOG[clock]
         assert len(stamps) >= 2, f"no complete epoch was timed for {label}"
         start, end = stamps[-2], stamps[-1]
         n = args.train_subset or 50_000
-        rows.append({"path": label, "epoch_s": end - start, "images_per_s": n / (end - start),
-                     "images": n, "other_load": load})  # fmt: skip
+        rows.append({"path": label, "overrides": extra, "epoch_s": end - start,
+                     "images_per_s": n / (end - start), "images": n,
+                     "other_load": load})  # fmt: skip
         print(f"    {label}: last epoch {end - start:.2f} s, {n / (end - start):,.0f} img/s")
     return rows
 
 
 def epoch_table(rows: Sequence[dict]) -> str:
+    """Markdown table of the epoch runs, then the ratios the issue asks for: the atx pipeline
+    against the fastest per-image loader, and each option's speed-up of the atx epoch."""
     atx = rows[0]["epoch_s"]
-    lines = ["| path | epoch (s) | images/s | per-image / atx | other load |",
+    lines = ["| path | epoch (s) | images/s | epoch / atx epoch | other load |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         load = f"{r['other_load']:.2f} cores" if r["other_load"] is not None else "n/a"
         lines.append(f"| {r['path']} | {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | "
                      f"{r['epoch_s'] / atx:.2f} | {load} |")  # fmt: skip
+    per_image = [r for r in rows if r["path"].startswith("per-image")]
+    if per_image:
+        best = min(per_image, key=lambda r: r["epoch_s"])
+        lines.append(f"\natx pipeline epoch vs the fastest per-image epoch ({best['path']}): "
+                     f"{best['epoch_s'] / atx:.2f}x faster (GPU target >= 3x)")  # fmt: skip
+    for r in rows[1:]:
+        if r["path"].startswith("atx "):
+            lines.append(f"speed-up of {r['path'][4:]}: {atx / r['epoch_s']:.2f}x")
     return "\n".join(lines)
 
 
@@ -419,9 +464,17 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="epoch mode: images per epoch")
     p.add_argument("--val-subset", type=int, default=500, help="epoch mode: validation images")
     p.add_argument("--override", nargs="*", default=[], help="epoch mode: more atx-train overrides")
+    p.add_argument("--options", nargs="*", default=None, choices=list(EPOCH_OPTIONS),
+                   help="epoch mode: also time the atx epoch with each speed option (default:"
+                        " all on cuda, none on cpu)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
+    if args.options is None:
+        args.options = DEFAULT_GPU_OPTIONS if args.device == "cuda" else []
+    if args.device != "cuda" and (gpu := [o for o in args.options if o in GPU_ONLY_OPTIONS]):
+        p.error(f"--options {' '.join(gpu)} need --device cuda (on the CPU Lightning runs"
+                " 16-mixed as bf16-mixed and cudnn has nothing to tune)")
     if args.quick:
         args.images, args.rounds, args.workers = 512, 2, [0]
         args.train_subset, args.val_subset, args.epochs = 64, 32, 1

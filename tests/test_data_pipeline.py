@@ -334,7 +334,8 @@ def test_device_resident_on_cuda_matches_host(tmp_path: Path) -> None:
 def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_data.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(REPO / "scripts" / "bench_data.py"), "--quick", "--json", str(out),
+         "--options", "channels_last"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -343,10 +344,24 @@ def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
     rows = {r["path"]: r for r in data["loaders"]}
     assert {"pil w0", "atx host", "atx device"} <= set(rows)
     assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in rows.values())
-    epochs = {r["path"]: r for r in data["epoch"]}  # both training paths timed one epoch
-    assert set(epochs) == {"atx", "per-image w0"}
+    epochs = {r["path"]: r for r in data["epoch"]}  # every training path timed one epoch
+    assert set(epochs) == {"atx", "per-image w0", "atx channels_last"}
     assert all(r["epoch_s"] > 0 and r["images"] == 64 for r in epochs.values())
+    assert epochs["atx channels_last"]["overrides"][-1] == "speed.channels_last=true"
     assert "x the PIL loader" in result.stdout
+    assert "atx pipeline epoch vs the fastest per-image epoch (per-image w0)" in result.stdout
+    assert "speed-up of channels_last: " in result.stdout
+
+
+def test_bench_data_refuses_gpu_options_on_the_cpu() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_data.py"), "--epoch-only",
+         "--options", "16-mixed", "compile"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--options 16-mixed need --device cuda" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_trains_with_cache_and_device_resident_data(tmp_path: Path) -> None:

@@ -90,16 +90,21 @@ def test_channels_last_gives_the_same_step() -> None:
     assert_same_step(fast, wrn_module(SpeedConf(), fact=True), rtol=1e-5, grad_rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
 @pytest.mark.parametrize("inference_mode", [False, True])
-def test_teacher_in_bf16_gives_the_step_to_rounding(inference_mode: bool) -> None:
-    """A bf16 teacher changes only its targets' rounding; with inference_mode its outputs
+def test_reduced_precision_teacher_gives_the_step_to_rounding(
+    inference_mode: bool, precision: str, dtype: torch.dtype
+) -> None:
+    """A bf16/fp16 teacher changes only its targets' rounding; with inference_mode its outputs
     (inference tensors) still feed KD, AT and F-ActT and the backward works."""
-    speed = SpeedConf(teacher_precision="bf16", teacher_inference_mode=inference_mode)
+    speed = SpeedConf(teacher_precision=precision, teacher_inference_mode=inference_mode)
     fast = wrn_module(speed, fact=True)
     seen = {}
     fast.teacher.group3.register_forward_hook(lambda m, i, o: seen.update(out=o))
     assert_same_step(fast, wrn_module(SpeedConf(), fact=True), rtol=2e-2, grad_rtol=5e-2)
-    assert seen["out"].dtype == torch.bfloat16
+    assert seen["out"].dtype == dtype
     assert seen["out"].is_inference() == inference_mode
 
 
@@ -108,25 +113,26 @@ def test_teacher_inference_mode_alone_is_exact() -> None:
     assert_same_step(fast, wrn_module(SpeedConf(), fact=True), rtol=0.0, grad_rtol=0.0)
 
 
-def test_bf16_autocast_keeps_attention_maps_and_losses_float32() -> None:
-    """Under the Trainer's bf16-mixed autocast the features are bf16, but the maps and the
-    transfer losses are float32 and the loss matches the float32 step to bf16 rounding."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_keeps_attention_maps_and_losses_float32(dtype: torch.dtype) -> None:
+    """Under the Trainer's bf16-mixed / 16-mixed autocast the features are bf16 / fp16, but the
+    maps and the transfer losses are float32 and the loss matches the float32 step to rounding."""
     module = wrn_module(SpeedConf())
     xy = batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = module._student_outputs(*xy)
         module._add_teacher_outputs(out, *xy)
-        assert out.student_features["group2"].dtype == torch.bfloat16
+        assert out.student_features["group2"].dtype == dtype
         assert attention_map(out.student_features["group2"]).dtype == torch.float32
         assert at_loss(out.student_features["group3"], out.teacher_features["group3"]).dtype == (
             torch.float32
         )
-        loss_bf16, parts = module.objective(out)
+        loss_mixed, parts = module.objective(out)
     assert all(v.dtype == torch.float32 for v in parts.values()), parts
     out32 = module._student_outputs(*xy)
     module._add_teacher_outputs(out32, *xy)
     loss32, parts32 = module.objective(out32)
-    torch.testing.assert_close(loss_bf16, loss32, rtol=3e-2, atol=0.0)
+    torch.testing.assert_close(loss_mixed, loss32, rtol=3e-2, atol=0.0)
     for k in parts32:
         torch.testing.assert_close(parts[k], parts32[k], rtol=5e-2, atol=1e-4, msg=k)
 
@@ -233,9 +239,18 @@ def test_allocator_respects_env_vars_and_the_switch(monkeypatch) -> None:
     assert configure_allocator(False) == "off"
 
 
-def test_train_with_speed_options_end_to_end(tmp_path: Path) -> None:
-    """The real config path: AT+KD on tiny CIFAR-10 with channels_last, a bf16 teacher under
-    inference_mode and bf16-mixed training, exported student loads into a plain WRN."""
+@pytest.mark.parametrize(
+    ("precision", "teacher_precision", "cudnn_benchmark"),
+    [("bf16-mixed", "bf16", False), ("16-mixed", "fp16", True)],
+)
+def test_train_with_speed_options_end_to_end(
+    tmp_path: Path, precision: str, teacher_precision: str, cudnn_benchmark: bool
+) -> None:
+    """The real config path: AT+KD on tiny CIFAR-10 with channels_last, a reduced-precision
+    teacher under inference_mode and mixed-precision training; the exported student loads into a
+    plain WRN. The GPU switches are accepted on the CPU: Lightning runs ``16-mixed`` there as
+    ``bf16-mixed`` (with its warning; fp16 autocast itself is tested above) and passes
+    ``trainer.benchmark`` to torch's cudnn flag."""
     write_cifar10(tmp_path / "data", n_train=16, n_test=8)
     teacher_pt = tmp_path / "teacher.pt"
     torch.save(build_model("wrn", num_classes=10, depth=10, width=2).state_dict(), teacher_pt)
@@ -243,13 +258,21 @@ def test_train_with_speed_options_end_to_end(tmp_path: Path) -> None:
         "data=cifar10", f"data.root={tmp_path / 'data'}", "data.batch_size=8",
         "model.depth=10", "teacher=wrn_16_2", "teacher.depth=10",
         f"teacher.checkpoint={teacher_pt}", "distill=at_kd", "trainer.max_epochs=1",
-        "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+        "trainer.accelerator=cpu", f"trainer.precision={precision}",
+        f"trainer.benchmark={str(cudnn_benchmark).lower()}",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "logger=csv", "figure_images=0", "speed.channels_last=true",
-        "speed.teacher_precision=bf16", "speed.teacher_inference_mode=true",
+        f"speed.teacher_precision={teacher_precision}", "speed.teacher_inference_mode=true",
     ])  # fmt: skip
-    metrics = train(cfg, tmp_path / "run")
+    before = torch.backends.cudnn.benchmark
+    try:
+        metrics = train(cfg, tmp_path / "run")
+        assert torch.backends.cudnn.benchmark is cudnn_benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
     assert 0 <= metrics["val/error"] <= 100
+    logged = (tmp_path / "run" / "csv").rglob("metrics.csv")
+    assert any("train/loss" in f.read_text() for f in logged)
     state = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     build_model("wrn", num_classes=10, depth=10, width=1).load_state_dict(state)
 
