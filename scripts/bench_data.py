@@ -341,7 +341,6 @@ EPOCH_OPTIONS: dict[str, list[str]] = {
     "fastest+16-mixed": ["speed=fast", "trainer.precision=16-mixed", "trainer.benchmark=true"],
 }
 GPU_ONLY_OPTIONS = ("16-mixed", "cudnn-benchmark", "fastest+16-mixed")  # no-ops / bf16 on the CPU
-DEFAULT_GPU_OPTIONS = list(EPOCH_OPTIONS)
 
 
 def epoch_paths(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
@@ -471,7 +470,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.options is None:
-        args.options = DEFAULT_GPU_OPTIONS if args.device == "cuda" else []
+        args.options = list(EPOCH_OPTIONS) if args.device == "cuda" else []
     if args.device != "cuda" and (gpu := [o for o in args.options if o in GPU_ONLY_OPTIONS]):
         p.error(f"--options {' '.join(gpu)} need --device cuda (on the CPU Lightning runs"
                 " 16-mixed as bf16-mixed and cudnn has nothing to tune)")
