@@ -240,7 +240,19 @@ class StepTimer(Callback):
             raise RuntimeError("the teacher left eval mode during fit")
 
 
-class AtxRunner:
+class InProcessRunner:
+    """A row run in the benchmark's own process: its CPU time is the process's, and there is
+    nothing to shut down (``WorkerRunner`` has the same two methods for its subprocesses)."""
+
+    def cpu_s(self) -> float:
+        """CPU seconds of helper processes: none."""
+        return 0.0
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class AtxRunner(InProcessRunner):
     """Fit the module with a fresh ``lightning.Trainer`` for each block of steps."""
 
     def __init__(self, row: Row, student: nn.Module, teacher: nn.Module, batches: list[Batch]):
@@ -273,7 +285,7 @@ class AtxRunner:
         return timer.times
 
 
-class LoopRunner:
+class LoopRunner(InProcessRunner):
     """Base of the bare loops: one ``step(x, y)`` per batch, timed end to end."""
 
     def __init__(self, batches: list[Batch]) -> None:
@@ -625,7 +637,7 @@ RUNNERS = {"atx": AtxRunner, "raw": RawRunner, "authors": AuthorsRunner, "forwar
 
 def make_runner(
     row: Row, batches: list[Batch], threads: int | None = None
-) -> Callable[[int], list[float]]:
+) -> InProcessRunner | WorkerRunner:
     """A runner with its own student and teacher, built from the same seed for every row."""
     if row.own_process:
         return WorkerRunner(row, batches, threads or torch.get_num_threads())
@@ -745,10 +757,9 @@ def run_benchmark(
             if kept[name] >= steps:
                 continue
             n = block if seen[name] >= warmup else warmup - seen[name] + block
-            helpers_s = getattr(runner, "cpu_s", lambda: 0.0)
-            probe.start(helpers_s())
+            probe.start(runner.cpu_s())
             times = runner(n)
-            load = probe.stop(helpers_s=helpers_s())
+            load = probe.stop(helpers_s=runner.cpu_s())
             keep = [t for i, t in enumerate(times) if seen[name] + i >= warmup]
             keep = keep[: steps - kept[name]]
             seen[name] += n
@@ -764,7 +775,7 @@ def run_benchmark(
             )
     result.wall_s = time.perf_counter() - t_start
     for runner in runners.values():
-        getattr(runner, "close", lambda: None)()
+        runner.close()
     return result
 
 
