@@ -141,13 +141,14 @@ def check_ddp_run(run_dir: Path, val_images: int, overrides: list[str]) -> None:
     assert "val/error" in summarise(wandb_file)["history_keys"]
 
 
-DDP = ["trainer.strategy=ddp", "trainer.devices=2", "data.val_subset=33", "logger=wandb"]
+DDP_RUN = ["data.val_subset=33", "logger=wandb"]  # 33 test images: uneven over 2 ranks
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", *DDP_RUN]
 
 
 def test_two_process_ddp_run_of_the_cli(tmp_path):
     """The ``trainer=cpu_ddp`` preset (2 CPU processes, gloo) in a real run."""
     run_dir = tmp_path / "run"
-    result = atx_train([*FAST, "trainer=cpu_ddp", *DDP[2:], f"hydra.run.dir={run_dir}"],
+    result = atx_train([*FAST, "trainer=cpu_ddp", *DDP_RUN, f"hydra.run.dir={run_dir}"],
                        env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started the second rank
