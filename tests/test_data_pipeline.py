@@ -7,6 +7,7 @@ offset range, a biased offset or a wrong flip rate would exceed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -353,15 +354,18 @@ def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
     assert "speed-up of channels_last: " in result.stdout
 
 
-def test_bench_data_refuses_gpu_options_on_the_cpu() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_data.py"), "--epoch-only",
-         "--options", "16-mixed", "compile"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "--options 16-mixed need --device cuda" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bench_data_refuses_gpu_options_on_the_cpu(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "scripts" / "bench_data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    assert bench_data.parse_args(["--device", "cuda"]).options == list(bench_data.EPOCH_OPTIONS)
+    assert bench_data.parse_args([]).options == []
+    with pytest.raises(SystemExit) as exit_info:
+        bench_data.parse_args(["--epoch-only", "--options", "16-mixed", "compile"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--options 16-mixed need --device cuda" in err
+    assert "Traceback" not in err
 
 
 def test_cli_trains_with_cache_and_device_resident_data(tmp_path: Path) -> None:
