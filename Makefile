@@ -6,7 +6,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.atx-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test lint bench bench-data clean-outputs
+.PHONY: install fashion-mnist demo test lint bench bench-data clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,12 +16,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install atx with its dev tools
 
-demo: install  ## teacher, student, student+AT on Fashion-MNIST; table + attention figure
-	@test -d $(FMNIST) || { echo "Fashion-MNIST not found at $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; }
+# Debian's dataset-fashion-mnist, installed when missing: as root directly, else through sudo.
+fashion-mnist:
+	@test -d $(FMNIST) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=sudo; \
+	  else echo "Fashion-MNIST is not installed and this user cannot install packages: run 'sudo apt-get install dataset-fashion-mnist', then run make again"; exit 2; fi; \
+	  echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST, no download from elsewhere)"; \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	  { echo "installing dataset-fashion-mnist failed: run 'sudo apt-get install dataset-fashion-mnist', then run make again"; exit 2; }; }
+
+demo: install fashion-mnist  ## teacher, then plain / AT / AT+KD students over 3 seeds on Fashion-MNIST; table + figures
 	$(PY) scripts/demo.py
 
-test: install  ## the whole test suite (CPU, offline, < 10 min on 2 cores)
-	@test -d $(FMNIST) || { echo "Fashion-MNIST not found at $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; }
+test: install fashion-mnist  ## the whole test suite (CPU, offline, < 10 min on 2 cores)
 	$(PY) -m pytest
 
 lint: install
