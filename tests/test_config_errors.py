@@ -157,6 +157,8 @@ BAD: list[tuple[str, list[str], str]] = [
      "optim.milestones=[60, 30] must be strictly increasing epochs >= 0"),
     ("nesterov without momentum", ["optim.nesterov=true", "optim.momentum=0"],
      "optim.nesterov=true needs optim.momentum > 0"),
+    ("optimiser recipe", ["optim.recipe=paper"],
+     "optim.recipe='paper' is unknown; use authors or standard"),
     ("batch size", ["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
     ("dataset root", ["data.root=/nope/fashion"],
      "data.root='/nope/fashion' does not exist: set data.root=<folder holding Fashion-MNIST>"),

@@ -49,6 +49,8 @@ RUN = [
     "data.val_subset=16",
     "data.batch_size=8",
     "checkpoint.every_n_steps=2",
+    "optim.recipe=authors",  # lr drop and momentum restart at the start of epoch 2, resumed
+    "optim.milestones=[2]",
     "figure_images=0",
     "logger=csv",
 ]

@@ -37,6 +37,7 @@ from atx.losses import (
 )
 from atx.models import build_model, layer_group_presets
 from atx.module import freeze
+from atx.optim import RECIPES
 
 
 def accepted_kwargs(cls: type) -> set[str] | None:
@@ -293,6 +294,8 @@ def check_optim(o: DictConfig) -> None:
     check_milestones(o.milestones, "optim.milestones")
     if o.nesterov and o.momentum == 0:
         raise AtxError("optim.nesterov=true needs optim.momentum > 0")
+    if o.recipe not in RECIPES:
+        raise AtxError(f"optim.recipe='{o.recipe}' is unknown; use authors or standard")
 
 
 def check_run_options(cfg: DictConfig) -> None:

@@ -86,7 +86,7 @@ class DistillConf:
 
 @dataclass
 class OptimConf:
-    """SGD with step decay; defaults are the paper's CIFAR recipe (authors' cifar.py)."""
+    """SGD with step decay; the defaults are the paper's CIFAR values (authors' cifar.py)."""
 
     lr: float = 0.1
     momentum: float = 0.9
@@ -94,6 +94,9 @@ class OptimConf:
     nesterov: bool = False
     milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
     gamma: float = 0.2
+    # standard: torch's MultiStepLR, momentum kept | authors: cifar.py, lr drops at the start
+    # of each 1-based milestone epoch and SGD is re-created there (atx.optim)
+    recipe: str = "standard"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
 from atx.numerics import NanGuard
+from atx.optim import sgd_step_decay
 from atx.speed import prepare_models, teacher_forward, to_layout
 
 
@@ -263,14 +264,6 @@ class DistillModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim
         params = [p for p in [*self.student.parameters(), *self.objective.parameters()]
                   if p.requires_grad]  # fmt: skip
-        optimizer = torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
-        )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(o.milestones), o.gamma)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        return sgd_step_decay(params, self.optim)  # optim.recipe: standard or authors
