@@ -125,6 +125,8 @@ BAD: list[tuple[str, list[str], str]] = [
     ("kd alpha", ["distill=kd", "distill.kd.alpha=1.5"], "distill.kd.alpha=1.5 must lie in [0, 1]"),
     ("kd temperature", ["distill=kd", "distill.kd.temperature=0"],
      "distill.kd.temperature=0.0 must be a finite number > 0"),
+    ("kd scale", ["distill=kd", "distill.kd.scale=mean"],
+     "distill.kd.scale='mean' is unknown; use batchmean or jan2017"),
     ("schedule kind", ["distill=at_kd", "distill.at.schedule.kind=cosine"],
      "distill.at.schedule.kind='cosine' is unknown; use constant, step or linear"),
     ("schedule milestones", ["distill=at_kd", "distill.at.schedule.milestones=[5,2]"],

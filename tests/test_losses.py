@@ -32,6 +32,36 @@ def test_kd_loss_hand_value_and_temperature_scaling():
     torch.testing.assert_close(kd_loss(s, t2, temperature=2.0), torch.tensor(4 * KL_HAND))
 
 
+# 4 classes: p_t = softmax([ln 3, 0, 0, 0]) = [1/2, 1/6, 1/6, 1/6], p_s = uniform 1/4:
+# KL = 1/2 ln(2) + 3 * 1/6 ln(2/3)
+KL4_HAND = 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)
+
+
+def test_kd_scales_hand_values():
+    s, t = torch.zeros(1, 4), 2 * torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]])  # at T = 2
+    # batchmean: T^2 * KL summed over classes, / batch = 4 * KL
+    torch.testing.assert_close(kd_loss(s, t, 2.0, "batchmean"), torch.tensor(4 * KL4_HAND))
+    # jan2017: KL's 4 elements averaged (KL / 4), times 2 T^2 = 8: 2 * KL
+    torch.testing.assert_close(kd_loss(s, t, 2.0, "jan2017"), torch.tensor(2 * KL4_HAND))
+    with pytest.raises(ValueError, match="unknown KD scale"):
+        kd_loss(s, t, 2.0, "mean")
+
+
+def test_kd_scale_reaches_the_objective_from_the_config():
+    from configs import compose_cfg
+
+    from atx.build import LayerPlan, build_objective
+
+    s, t = torch.zeros(2, 4), torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]] * 2)
+    out = StepOutputs(logits=s, targets=torch.zeros(2, dtype=torch.long), teacher_logits=t)
+    cfg = compose_cfg(["distill=kd", "distill.kd.scale=jan2017", "distill.kd.temperature=1"])
+    for scale, factor in (("jan2017", 0.5), ("batchmean", 1.0)):  # 2 / 4 classes
+        cfg.distill.kd.scale = scale
+        objective = build_objective(cfg.distill, LayerPlan([], []), [], 1)
+        _, parts = objective(out)
+        torch.testing.assert_close(parts["kd"], torch.tensor(factor * KL4_HAND))
+
+
 def test_kd_loss_batch_mean_and_zero_when_equal():
     s = torch.zeros(3, 2)
     t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]])

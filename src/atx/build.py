@@ -275,6 +275,8 @@ def check_distill(d: DictConfig) -> None:
     if not 0 <= d.kd.alpha <= 1:
         raise AtxError(f"distill.kd.alpha={d.kd.alpha} must lie in [0, 1] (0 turns KD off)")
     check_number(d.kd.temperature, "distill.kd.temperature", 0.0, strict=True)
+    if d.kd.scale not in ("batchmean", "jan2017"):
+        raise AtxError(f"distill.kd.scale='{d.kd.scale}' is unknown; use batchmean or jan2017")
     for term in ("at", "fact", "grad_at", "symmetry", "min_l2"):
         check_number(d[term].beta, f"distill.{term}.beta", 0.0, hint=" (0 turns it off)")
         check_schedule(d[term].schedule, f"distill.{term}")
@@ -399,7 +401,7 @@ def build_objective(
     alpha = d.kd.alpha
     terms: list[Term] = [CrossEntropy(Schedule(1.0 - alpha))]
     if alpha > 0:
-        terms.append(KnowledgeDistillation(Schedule(alpha), d.kd.temperature))
+        terms.append(KnowledgeDistillation(Schedule(alpha), d.kd.temperature, d.kd.scale))
     if plan.at:
         terms.append(
             AttentionTransfer(

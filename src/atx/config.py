@@ -34,6 +34,8 @@ class ScheduleConf:
 class KDConf:
     alpha: float = 0.0  # 0 = off; loss = (1 - alpha) * CE + alpha * KD
     temperature: float = 4.0
+    # batchmean: T^2 KL, batch mean (authors' code since 2018) | jan2017: 2/classes of that
+    scale: str = "batchmean"
 
 
 @dataclass

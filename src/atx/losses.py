@@ -28,14 +28,28 @@ from torch import Tensor, nn
 from atx.attention import MapMode, Reduction, at_loss
 from atx.gradient_attention import grad_at_loss, min_l2_loss, symmetry_loss
 
+KDScale = Literal["batchmean", "jan2017"]
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
+            scale: KDScale = "batchmean") -> Tensor:  # fmt: skip
     """Hinton's KD term ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, summed over classes,
-    averaged over the batch; the T^2 keeps gradient magnitudes independent of T."""
+    averaged over the batch; the T^2 keeps gradient magnitudes independent of T.
+
+    ``scale="batchmean"`` is that, as in the authors' code since July 2018 (``kl_div`` summed,
+    divided by the batch). ``scale="jan2017"`` is their January 2017 code, released with the
+    paper: ``kl_div`` averaged over batch *and* classes, times ``2 T^2``, i.e. ``2 / num_classes``
+    times the batchmean value. Which of the two gave the paper's KD numbers is uncertain.
+    """
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    if scale == "batchmean":
+        return kl
+    if scale == "jan2017":
+        return kl * (2.0 / student_logits.shape[1])
+    raise ValueError(f"unknown KD scale {scale!r}; use 'batchmean' or 'jan2017'")
 
 
 def fact_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -128,12 +142,13 @@ class KnowledgeDistillation(Term):
     name = "kd"
     needs_teacher = True
 
-    def __init__(self, weight: Schedule, temperature: float = 4.0) -> None:
+    def __init__(self, weight: Schedule, temperature: float = 4.0,
+                 scale: KDScale = "batchmean") -> None:  # fmt: skip
         super().__init__(weight)
-        self.temperature = temperature
+        self.temperature, self.scale = temperature, scale
 
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: kd_loss(out.logits, out.teacher_logits, self.temperature)}
+        return {self.name: kd_loss(out.logits, out.teacher_logits, self.temperature, self.scale)}
 
 
 class LayerPairTerm(Term):
