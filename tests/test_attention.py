@@ -28,6 +28,30 @@ def test_spatial_map_hand_values(p, mode, expected):
     torch.testing.assert_close(got.flatten(), torch.tensor(expected))
 
 
+def test_p_below_one_on_relu_zeros_gives_finite_loss_and_gradients():
+    torch.manual_seed(0)
+    pre = torch.randn(2, 4, 5, 5, requires_grad=True)
+    mask = torch.arange(25).view(1, 1, 5, 5) != 7  # one position 0 in every channel
+    teacher = torch.relu(torch.randn(2, 8, 5, 5))
+    for mode in ("sum", "max"):
+        feats = torch.relu(pre) * mask  # about half the entries exactly 0
+        assert (feats == 0).float().mean() > 0.3
+        loss = at_loss(feats, teacher, p=0.5, mode=mode)
+        (grad,) = torch.autograd.grad(loss, pre)
+        assert torch.isfinite(loss) and loss > 0
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the clamp changes values only where |A| is below the smallest normal float32
+    torch.testing.assert_close(spatial_map(feats, 0.5), feats.sqrt().sum(dim=1))
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, 4.0])
+def test_p_from_one_up_keeps_the_exact_unclamped_values(p):
+    x = torch.relu(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2)))
+    x[0, :, 0, 0] = 1e-40  # subnormal: a clamp would lift it to 1.2e-38
+    hand = (x * x) if p == 2 else x.pow(p) if p == 4 else x.abs().pow(p)
+    assert torch.equal(spatial_map(x, p), hand.sum(dim=1))
+
+
 def test_attention_map_is_l2_normalised_per_sample():
     q = attention_map(A, 2.0, "sum")
     torch.testing.assert_close(q, torch.tensor([[10.0, 4.0]]) / math.sqrt(116.0))

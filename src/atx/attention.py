@@ -46,6 +46,9 @@ def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tens
     ``mode="sum"``: F_sum^p(A) = sum_c |A_c|^p; ``mode="max"``: F_max^p(A) = max_c |A_c|^p.
     ``p`` may be any real > 0 (p = 1 gives F_sum). Computed in float32 with autocast off,
     so mixed-precision training does not lose the small differences the loss measures.
+    For p < 1, |A| is clamped from below at the smallest normal float32 first: |a|^p has an
+    infinite slope at 0, and post-ReLU features are exactly 0 in many places (the clamped
+    entries get gradient 0, not NaN). Values for p >= 1 take the unclamped paths.
     """
     if features.dim() != 4:
         raise ValueError(
@@ -59,6 +62,8 @@ def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tens
             a = a * a
         elif p % 2 == 0:  # other even powers: no abs needed either
             a = a.pow(p)
+        elif p < 1:
+            a = a.abs().clamp_min(torch.finfo(a.dtype).tiny).pow(p)
         else:
             a = a.abs() if p == 1 else a.abs().pow(p)
         return a.sum(dim=1) if mode == "sum" else a.amax(dim=1)
