@@ -94,7 +94,7 @@ BAD: list[tuple[str, list[str], str]] = [
      "unknown option 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
     ("trainer wrong type", ["trainer.max_epochs=abc"],
      "trainer.max_epochs='abc' must be an integer"),
-    ("unknown torchvision weights file", ["model=resnet18", "+model.weights_path=/nope/r18.pt"],
+    ("unknown torchvision weights file", ["model=resnet18", "model.weights_path=/nope/r18.pt"],
      "weights file '/nope/r18.pt' not found"),
     # -- the teacher ------------------------------------------------------------------------
     ("AT without teacher", ["distill=at"], "need a teacher: add teacher="),

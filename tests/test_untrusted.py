@@ -93,7 +93,7 @@ def test_torchvision_weights_path_is_refused(tmp_path):
     evil = tmp_path / "r18.pt"
     torch.save({**build_model("resnet18", num_classes=10).state_dict(), "x": Payload(marker)},
                evil)  # fmt: skip
-    cfg = compose_cfg([*TINY, "model=resnet18", f"+model.weights_path={evil}"])
+    cfg = compose_cfg([*TINY, "model=resnet18", f"model.weights_path={evil}"])
     with pytest.raises(AtxError) as info:
         train(cfg, tmp_path)
     assert f"model: refused to load weights file '{evil}': {REFUSED}" in str(info.value)

@@ -82,6 +82,13 @@ def check_config(cfg: DictConfig) -> None:
     check_sync_batchnorm(cfg.trainer)
 
 
+def check_sweep(cfg: DictConfig, launcher: DictConfig) -> None:
+    """The checks of a sweep's job (``-m``): how its ranks start, under which launcher."""
+    check_sweep_strategy(cfg, launcher.get("_target_", ""))
+    check_launcher_matches_trainer(OmegaConf.to_container(launcher, resolve=True),
+                                   OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
 def train(
     cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None, claim: bool = False
 ) -> dict[str, float]:
@@ -233,9 +240,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         if multirun:
-            check_sweep_strategy(cfg, hc.launcher.get("_target_", ""))
-            check_launcher_matches_trainer(OmegaConf.to_container(hc.launcher, resolve=True),
-                                           OmegaConf.to_container(cfg.trainer, resolve=True))
+            check_sweep(cfg, hc.launcher)
         with gpu_of_this_job(cfg, hc):
             metrics = train(cfg, Path(hc.runtime.output_dir), run_labels(hc, cfg), claim=True)
     except AtxError as e:
