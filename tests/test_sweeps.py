@@ -118,25 +118,35 @@ def test_gpu_claims_are_exclusive(tmp_path):
     third.release()
 
 
-def evaluate(student_pt: Path, overrides: list[str]) -> float:
-    """Test error (%) of an exported student on the run's test images, in this process."""
+def evaluate(student_pt: Path, overrides: list[str]) -> dict[str, float]:
+    """Error (%) of an exported student on the run's test images (``val``) and held-out
+    training images (``heldout``, with data.val_split), in this process."""
     cfg = compose_cfg(overrides)
     data = build.build_data(cfg)
     data.setup()
     model = build_model("wrn", num_classes=10, in_channels=1, depth=10, width=1)
     model.load_state_dict(torch.load(student_pt, weights_only=True))
-    with torch.no_grad():
-        logits = model.eval()(data.normalize(data.x_val))
-    return float((logits.argmax(1) != data.y_val).float().mean() * 100)
+    errors = {}
+    for split, x, y in (("val", data.x_val, data.y_val), ("heldout", data.x_heldout,
+                                                          data.y_heldout)):  # fmt: skip
+        if x is not None:
+            with torch.no_grad():
+                logits = model.eval()(data.normalize(x))
+            errors[split] = float((logits.argmax(1) != y).float().mean() * 100)
+    return errors
 
 
-def check_ddp_run(run_dir: Path, val_images: int, overrides: list[str]) -> None:
-    """metrics.json of a 2-rank run: every test image counted once, error = the saved student's."""
+def check_ddp_run(run_dir: Path, val_images: int, overrides: list[str], heldout: int = 0) -> None:
+    """metrics.json of a 2-rank run: every test (and ``heldout`` held-out) image counted once,
+    errors = the saved student's."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["val/images"] == val_images  # 2 ranks, odd count: none padded or repeated
-    assert metrics["val/error"] == pytest.approx(evaluate(run_dir / "student.pt", overrides),
-                                                 abs=1e-4)  # fmt: skip
+    errors = evaluate(run_dir / "student.pt", overrides)
+    assert metrics["val/error"] == pytest.approx(errors["val"], abs=1e-4)
+    if heldout:  # each rank evaluated its share of the same held-out images
+        assert metrics["heldout/images"] == heldout
+        assert metrics["heldout/error"] == pytest.approx(errors["heldout"], abs=1e-4)
     (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")  # rank 0 alone logs
     assert "val/error" in summarise(wandb_file)["history_keys"]
 
@@ -173,13 +183,16 @@ def test_ddp_spawn_inside_a_local_sweep(tmp_path):
     """The in-process alternative: the ranks of each job are spawned, the main process exports
     the student and reads the fit's progress back from the last checkpoint."""
     sweep = tmp_path / "sweep"
-    result = atx_train(["-m", *FAST, *DDP, "trainer.strategy=ddp_spawn", "seed=0",
+    heldout = "data.val_split=21"  # 21 held-out training images: uneven over 2 ranks too
+    result = atx_train(["-m", *FAST, *DDP, "trainer.strategy=ddp_spawn", heldout, "seed=0",
                         f"hydra.sweep.dir={sweep}"],
                        env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    check_ddp_run(sweep / "0", 33, [*FAST, "data.val_subset=33"])
+    check_ddp_run(sweep / "0", 33, [*FAST, "data.val_subset=33", heldout], heldout=21)
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and metrics["best/val_error"] == metrics["val/error"]
+    # the epoch chosen on held-out error, read back from the ranks' last checkpoint
+    assert metrics["selected/epoch"] == 0 and metrics["selected/test_error"] == metrics["val/error"]
 
 
 def test_sync_batchnorm_converts_the_student_only():

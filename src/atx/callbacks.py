@@ -1,4 +1,5 @@
-"""Callbacks hooked into the Trainer: attention-map figures during training."""
+"""Callbacks hooked into the Trainer: attention-map figures during training, and the epoch
+chosen on the held-out training images (``data.val_split``)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,47 @@ class AttentionFigures(L.Callback):
             if hasattr(logger, "log_image"):
                 logger.log_image(key="attention_during_training", images=[str(path)],
                                  step=trainer.global_step)  # fmt: skip
+
+
+class HeldOutSelection(L.Callback):
+    """After every validation: the held-out error, the test error and the epoch, kept in the
+    checkpoints (a resumed run remembers earlier epochs). :meth:`summary` gives the test error
+    at the epoch of the lowest held-out error, the first of equals as ``ModelCheckpoint``
+    keeps, so it is the test error of ``best-epoch<N>.ckpt``."""
+
+    KEYS = ("heldout/error", "val/error", "val/error_top5")
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # runs before ModelCheckpoint (Lightning orders checkpoint callbacks last), so the
+        # checkpoint saved for this epoch holds it
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "heldout/error" not in metrics:
+            return
+        row = {k: float(metrics[k]) for k in self.KEYS if k in metrics}
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **row})
+
+    def summary(self) -> dict[str, float]:
+        """``selected/*`` (the epoch chosen on held-out error, 0-based as in the CSV and the
+        checkpoint name, and its test errors) and ``best/val_error`` (lowest test error)."""
+        if not self.history:
+            return {}
+        chosen = self.history[0]
+        for row in self.history[1:]:
+            if row["heldout/error"] < chosen["heldout/error"]:
+                chosen = row
+        out = {"selected/epoch": chosen["epoch"], "selected/step": chosen["step"],
+               "selected/heldout_error": chosen["heldout/error"],
+               "selected/test_error": chosen["val/error"],
+               "best/val_error": min(r["val/error"] for r in self.history)}  # fmt: skip
+        if "val/error_top5" in chosen:
+            out["selected/test_error_top5"] = chosen["val/error_top5"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]

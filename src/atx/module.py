@@ -21,6 +21,8 @@ from atx.numerics import NanGuard
 from atx.optim import sgd_step_decay
 from atx.speed import prepare_models, teacher_forward, to_layout
 
+HELDOUT = "heldout"  # metric prefix of the held-out training images (data.val_split)
+
 
 @contextmanager
 def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
@@ -43,6 +45,16 @@ def full_precision(x: Tensor) -> Tensor:
     """A detached copy of ``x`` in at least float32 (input gradients are not taken in 16 bit)."""
     x = x.detach()
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def eval_metrics(num_classes: int) -> nn.ModuleDict:
+    """Loss, image count, top-1 (and top-5 above 10 classes) accuracy of one evaluation set:
+    sums over images, reduced across ranks at ``compute`` (no mean of means)."""
+    metrics = {"loss": MeanMetric(), "images": SumMetric(),
+               "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}  # fmt: skip
+    if num_classes > 10:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return nn.ModuleDict(metrics)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -119,13 +131,8 @@ class DistillModule(L.LightningModule):
         self.speed = speed or SpeedConf()
         self.nan_guard = nan_guard or NanGuard()  # a NaN/inf loss stops the run (or is skipped)
         prepare_models(student, self.teacher, self.speed, objective.needs_input_grad)
-        # evaluation metrics are sums over images, reduced across ranks (no mean of means)
-        self.val_loss = MeanMetric()
-        self.val_images = SumMetric()
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = (
-            MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 10 else None
-        )
+        # the test split (logged as val/ or test/) and the held-out training images (heldout/)
+        self.eval_metrics = nn.ModuleDict({k: eval_metrics(num_classes) for k in ("test", HELDOUT)})
 
     # -- the frozen teacher -------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillModule:
@@ -213,12 +220,13 @@ class DistillModule(L.LightningModule):
         x = to_layout(x, self.speed.channels_last)
         logits = self.student(x)
         student_feats = self.student_taps.outputs() if self.student_taps else {}
-        self.val_loss.update(nn.functional.cross_entropy(logits.float(), y), weight=len(y))
-        self.val_images.update(len(y))
-        self.val_top1.update(logits, y)
-        if self.val_top5 is not None:
-            self.val_top5.update(logits, y)
-        if self.agreement_pairs:
+        metrics = self.eval_metrics[HELDOUT if stage == HELDOUT else "test"]
+        metrics["loss"].update(nn.functional.cross_entropy(logits.float(), y), weight=len(y))
+        metrics["images"].update(len(y))
+        for key in ("top1", "top5"):
+            if key in metrics:
+                metrics[key].update(logits, y)
+        if self.agreement_pairs and stage != HELDOUT:  # agreement: on the test split only
             with torch.no_grad():
                 self.teacher(x)
             teacher_feats = self.teacher_taps.outputs()
@@ -229,14 +237,16 @@ class DistillModule(L.LightningModule):
                 self.agreement[f"distance_{i}"].update(distance)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        self.log(f"{stage}/error", (1 - self.val_top1.compute()) * 100, prog_bar=True)
-        self.log(f"{stage}/loss", self.val_loss.compute())
-        self.log(f"{stage}/images", self.val_images.compute())  # each test image once
-        for metric in (self.val_top1, self.val_loss, self.val_images):
+        metrics = self.eval_metrics[HELDOUT if stage == HELDOUT else "test"]
+        self.log(f"{stage}/error", (1 - metrics["top1"].compute()) * 100, prog_bar=True)
+        self.log(f"{stage}/loss", metrics["loss"].compute())
+        self.log(f"{stage}/images", metrics["images"].compute())  # each image once
+        if "top5" in metrics:
+            self.log(f"{stage}/error_top5", (1 - metrics["top5"].compute()) * 100)
+        for metric in metrics.values():
             metric.reset()
-        if self.val_top5 is not None:
-            self.log(f"{stage}/error_top5", (1 - self.val_top5.compute()) * 100)
-            self.val_top5.reset()
+        if stage == HELDOUT:
+            return
         for i, (s, _) in enumerate(self.agreement_pairs):  # attention agreement per group
             for kind, key in (("cosine", "agreement"), ("distance", "at_distance")):
                 metric = self.agreement[f"{kind}_{i}"]
@@ -250,11 +260,19 @@ class DistillModule(L.LightningModule):
             for buffer in self.student.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Loader 0 is the test split (``val/``); loader 1, when ``data.val_split`` > 0, the
+        held-out training images (``heldout/``)."""
+        self._eval_step(batch, HELDOUT if dataloader_idx == 1 else "val")
 
     def on_validation_epoch_end(self) -> None:
+        # logged here, outside the steps, so the names carry no /dataloader_idx_N suffix
         self._eval_epoch_end("val")
+        loaders = self.trainer.val_dataloaders  # the same on every rank: all join the sync
+        if isinstance(loaders, list | tuple) and len(loaders) > 1:
+            self._eval_epoch_end(HELDOUT)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from atx import build
-from atx.callbacks import AttentionFigures
+from atx.callbacks import AttentionFigures, HeldOutSelection
 from atx.checkpoints import STUDENT_FILE
 from atx.cluster import (
     check_launcher_matches_trainer,
@@ -47,7 +47,7 @@ from atx.cluster import (
 from atx.config import check_schema_keys, composition_error_line, register
 from atx.errors import AtxError
 from atx.loggers import RunLabels, build_loggers, finish_wandb, flatten, run_labels
-from atx.module import DistillModule
+from atx.module import HELDOUT, DistillModule
 from atx.numerics import NanGuard
 from atx.resume import (
     PreemptionHandover,
@@ -150,11 +150,13 @@ def train(
         flat_config["layers.teacher"] = ",".join(t for _, t in pairs)
     loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config,
                             owner.wandb_id if owner else None)  # fmt: skip
+    # data.val_split > 0: the best epoch is chosen on held-out training images, not the test set
+    selection = HeldOutSelection() if getattr(data, "val_split", 0) > 0 else None
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best-epoch{epoch}",
-            monitor="val/error",
+            monitor=f"{HELDOUT}/error" if selection else "val/error",
             mode="min",
             save_last=True,
             auto_insert_metric_name=False,
@@ -163,6 +165,8 @@ def train(
         *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                               configured_teacher(cfg)),  # fmt: skip
     ]
+    if selection is not None:
+        callbacks.append(selection)
     if pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
         callbacks.append(AttentionFigures(run_dir / "attention", cfg.figure_every_n_epochs,
                                           cfg.figure_images, pairs, data))  # fmt: skip
@@ -187,16 +191,18 @@ def train(
     finally:
         preemption.restore()
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(("val/", f"{HELDOUT}/"))}  # fmt: skip
     if trainer.is_global_zero:
         torch.save(student.state_dict(), run_dir / STUDENT_FILE)
-        epochs, best = fit_progress(trainer, callbacks[0])
+        epochs, best = fit_progress(trainer, callbacks[0], selection)
         summary = {
             "name": cfg.name,
             "epochs": epochs,
             "world_size": trainer.world_size,
             **metrics,
             "best/val_error": float(best) if best is not None else None,
+            **(selection.summary() if selection else {}),  # best/val_error: still the test's
         }
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         if pairs and cfg.figure_images > 0:
@@ -219,15 +225,19 @@ def train(
     return metrics
 
 
-def fit_progress(trainer: L.Trainer, checkpoint: ModelCheckpoint) -> tuple[int, Any]:
-    """Epochs trained and the best test error. With ``ddp_spawn`` the fit ran in worker
-    processes and this process's trainer never saw it (stack notes E22): read them from the
-    last checkpoint rank 0 wrote instead."""
+def fit_progress(
+    trainer: L.Trainer, checkpoint: ModelCheckpoint, selection: HeldOutSelection | None = None
+) -> tuple[int, Any]:
+    """Epochs trained and the best score of ``checkpoint``. With ``ddp_spawn`` the fit ran in
+    worker processes and this process's trainer never saw it (stack notes E22): read them (and
+    the history of ``selection``) from the last checkpoint rank 0 wrote instead."""
     last = Path(str(checkpoint.dirpath)) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
     spawned = type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
     if not spawned or not last.is_file():
         return trainer.current_epoch, checkpoint.best_model_score
     state = torch.load(last, map_location="cpu", weights_only=True)
+    if selection is not None:
+        selection.load_state_dict(state.get("callbacks", {}).get(selection.state_key, {}))
     for key, callback in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and callback.get("monitor") == checkpoint.monitor:
             return state["epoch"] + 1, callback.get("best_model_score")

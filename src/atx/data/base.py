@@ -19,13 +19,13 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from atx.data import cache as disk_cache
 from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
 from atx.data.sampler import ResumableRandomSampler
+from atx.data.split import check_split, check_subsets, eval_sampler, hold_out, subset_index
 from atx.errors import AtxError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -74,28 +74,6 @@ def collate_pairs(items: list[Any]) -> Any:
     return default_collate(items)
 
 
-def eval_sampler(data: L.LightningDataModule, dataset: Dataset) -> Sampler | None:
-    """Under DDP, every rank evaluates a disjoint share of ``dataset`` and no image twice.
-
-    Lightning's default ``DistributedSampler`` pads the last share with repeated images, so
-    test error over N ranks would count some images twice; this sampler leaves the shares one
-    image apart instead. ``None`` (the plain sequential order) on one process.
-    """
-    trainer = data.trainer
-    if trainer is None or trainer.world_size < 2:
-        return None
-    return UnrepeatedDistributedSampler(
-        dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-    )
-
-
-def check_subsets(train_subset: int | None, val_subset: int | None) -> None:
-    """``data.train_subset`` / ``data.val_subset``: a positive count or null."""
-    for key, value in (("train_subset", train_subset), ("val_subset", val_subset)):
-        if value is not None and value < 1:
-            raise AtxError(f"data.{key} must be a positive count or null, got {value}")
-
-
 class TensorImageDataModule(L.LightningDataModule):
     """Base class: subclasses set the class attributes below and implement :meth:`_load`.
 
@@ -104,7 +82,8 @@ class TensorImageDataModule(L.LightningDataModule):
     names and is replaced by the names found on disk once :meth:`setup` has run.
     Batches are ``(x_uint8, y_int64)`` out of the dataloaders and ``(x_float32, y)`` after
     :meth:`on_after_batch_transfer` (normalised; randomly cropped/flipped while training).
-    The validation and test dataloaders both serve the held-out test split, as in the paper.
+    The validation and test dataloaders both serve the test split, as in the paper; with
+    ``val_split`` the validation dataloaders are ``[test, held-out]`` (:mod:`atx.data.split`).
     """
 
     name: ClassVar[str] = "dataset"
@@ -129,10 +108,14 @@ class TensorImageDataModule(L.LightningDataModule):
         pad_mode: str = "reflect",
         cache: bool = True,
         device_resident: bool = True,
+        val_split: int = 0,
+        split_seed: int = 0,
     ) -> None:
         """``cache``: keep slowly decoded layouts (image folders) as a uint8 cache file beside
         the data. ``device_resident``: hold the uint8 tensors on the training device (a no-op
-        on the CPU) and gather batches there; the DataLoader then runs in the main process."""
+        on the CPU) and gather batches there; the DataLoader then runs in the main process.
+        ``val_split`` / ``split_seed``: training images held out for model selection
+        (:mod:`atx.data.split`)."""
         super().__init__()
         if batch_size < 1:
             raise AtxError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -146,6 +129,7 @@ class TensorImageDataModule(L.LightningDataModule):
         if pad_mode not in PAD_MODES:
             raise AtxError(f"data.pad_mode={pad_mode!r} is unknown; use one of {PAD_MODES}")
         check_subsets(train_subset, val_subset)
+        check_split(val_split, split_seed, self.num_classes, self.name)
         self.root = str(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -158,12 +142,16 @@ class TensorImageDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.cache = cache
         self.device_resident = device_resident
+        self.val_split, self.split_seed = val_split, split_seed
         self.cache_file: Path | None = None  # the cache file read or written by setup()
         self.classes = list(type(self).classes)
         self.x_train: Tensor | None = None
         self.y_train: Tensor | None = None
         self.x_val: Tensor | None = None
         self.y_val: Tensor | None = None
+        self.x_heldout: Tensor | None = None  # val_split > 0: the held-out training images
+        self.y_heldout: Tensor | None = None
+        self.heldout_index: Tensor | None = None  # their positions in the training split
         self._stats_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     # --- to implement -------------------------------------------------------------------------
@@ -181,7 +169,8 @@ class TensorImageDataModule(L.LightningDataModule):
 
     # --- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Load the data once (later calls only re-place it) and take the seeded subsets.
+        """Load the data once (later calls only re-place it), hold out ``val_split`` training
+        images, then take the seeded subsets.
 
         With ``device_resident`` the tensors are then moved to the trainer's device.
         """
@@ -189,6 +178,13 @@ class TensorImageDataModule(L.LightningDataModule):
             x_train, y_train, x_val, y_val = self._load_cached() if self.cache else self._load()
             self._check(x_train, y_train, "train")
             self._check(x_val, y_val, "test")
+            split = hold_out(y_train.numpy(), self.val_split, self.split_seed, self.num_classes,
+                             self.name)  # fmt: skip
+            if split is not None:
+                keep, held = (torch.from_numpy(i) for i in split)
+                self.heldout_index = held
+                self.x_heldout, self.y_heldout = x_train[held], y_train[held]
+                x_train, y_train = x_train[keep], y_train[keep]
             x_train, y_train = self._subset(x_train, y_train, self.train_subset, "train_subset", 0)
             x_val, y_val = self._subset(x_val, y_val, self.val_subset, "val_subset", 1)
             self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
@@ -202,6 +198,8 @@ class TensorImageDataModule(L.LightningDataModule):
         assert self.x_val is not None and self.y_val is not None
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.x_val, self.y_val = self.x_val.to(device), self.y_val.to(device)
+        if self.x_heldout is not None and self.y_heldout is not None:
+            self.x_heldout, self.y_heldout = self.x_heldout.to(device), self.y_heldout.to(device)
 
     def train_dataloader(self) -> DataLoader:
         assert self.x_train is not None and self.y_train is not None, "call setup() first"
@@ -209,13 +207,20 @@ class TensorImageDataModule(L.LightningDataModule):
         # RandomSampler's order, restartable mid-epoch (atx.resume)
         return self._loader(dataset, sampler=ResumableRandomSampler(dataset))
 
-    def val_dataloader(self) -> DataLoader:
-        assert self.x_val is not None and self.y_val is not None, "call setup() first"
-        dataset = TensorPairDataset(self.x_val, self.y_val)
-        return self._loader(dataset, sampler=eval_sampler(self, dataset))
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test split; with ``val_split``, ``[test, held-out]`` (dataloader_idx 0, 1)."""
+        test = self.test_dataloader()
+        if self.x_heldout is None or self.y_heldout is None:
+            return test
+        return [test, self._eval_loader(self.x_heldout, self.y_heldout)]
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        assert self.x_val is not None and self.y_val is not None, "call setup() first"
+        return self._eval_loader(self.x_val, self.y_val)
+
+    def _eval_loader(self, x: Tensor, y: Tensor) -> DataLoader:
+        dataset = TensorPairDataset(x, y)
+        return self._loader(dataset, sampler=eval_sampler(self, dataset))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """uint8 batch -> normalised float32; random crop + flip first while training."""
@@ -306,16 +311,10 @@ class TensorImageDataModule(L.LightningDataModule):
     def _subset(
         self, x: Tensor, y: Tensor, n: int | None, key: str, salt: int
     ) -> tuple[Tensor, Tensor]:
-        if n is None:
-            return x, y
-        if n > len(x):
-            raise AtxError(
-                f"data.{key}={n} exceeds the {len(x)} images available in {self.name} under "
-                f"'{self.root}'; set data.{key}<={len(x)} or null"
-            )
-        gen = torch.Generator().manual_seed(self.seed * 2 + salt)
-        idx = torch.randperm(len(x), generator=gen)[:n]
-        return x[idx].contiguous(), y[idx].contiguous()
+        held_out = self.val_split if key == "train_subset" else 0
+        where = f"{self.name} under '{self.root}'"
+        idx = subset_index(len(x), n, self.seed, salt, key, where, held_out)
+        return (x, y) if idx is None else (x[idx].contiguous(), y[idx].contiguous())
 
 
 def _decode(path: Path, size: int, mode: str) -> np.ndarray:

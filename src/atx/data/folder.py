@@ -55,7 +55,8 @@ except ImportError:  # a torchvision without image io: PIL decodes everything
     decode_image = None  # type: ignore[assignment]
 
 from atx.data.augment import denormalize, normalize
-from atx.data.base import IMAGE_EXTENSIONS, check_subsets, eval_sampler
+from atx.data.base import IMAGE_EXTENSIONS
+from atx.data.split import check_split, check_subsets, eval_sampler, hold_out, subset_index
 from atx.errors import AtxError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -317,8 +318,9 @@ class ImageFileDataModule(L.LightningDataModule):
     first access, before :meth:`setup` (models are built from them before any image is read);
     ``in_channels`` (3) and ``image_size`` (the crop, 224) are fixed by the constructor.
     Batches are ``(x_uint8 (B, 3, S, S), y_int64)`` out of the dataloaders and normalised
-    float32 after :meth:`on_after_batch_transfer`. Validation and test both serve the held-out
-    split. Training drops the last incomplete batch (a batch of one breaks BatchNorm).
+    float32 after :meth:`on_after_batch_transfer`. Validation and test both serve the test
+    split (with ``val_split``, validation serves ``[test, held-out]``). Training drops the
+    last incomplete batch (a batch of one breaks BatchNorm).
     """
 
     name: ClassVar[str] = "image files"
@@ -344,6 +346,8 @@ class ImageFileDataModule(L.LightningDataModule):
         decoder: str = "torchvision",
         on_corrupt: str = "error",
         max_pixels: int = MAX_IMAGE_PIXELS,
+        val_split: int = 0,
+        split_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -362,6 +366,8 @@ class ImageFileDataModule(L.LightningDataModule):
             decoder: "torchvision" (``decode_image``, faster) or "pil".
             on_corrupt: "error" (stop, naming the file) or "skip" (warn, count, serve the next).
             max_pixels: refuse larger images (decompression-bomb guard).
+            val_split / split_seed: training images held out for model selection
+                (:mod:`atx.data.split`; evaluated with the eval transform).
         """
         super().__init__()
         train_crop = self.default_train_crop if train_crop is None else train_crop
@@ -390,6 +396,7 @@ class ImageFileDataModule(L.LightningDataModule):
             if not ok:
                 raise AtxError(message)
         check_subsets(train_subset, val_subset)
+        check_split(val_split, split_seed)
         self.root = str(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -405,6 +412,9 @@ class ImageFileDataModule(L.LightningDataModule):
         self.decoder = decoder
         self.on_corrupt = on_corrupt
         self.max_pixels = max_pixels
+        self.val_split, self.split_seed = val_split, split_seed
+        self.heldout_set: ImageFileDataset | None = None
+        self.heldout_index: np.ndarray | None = None  # positions in the training list
         self._classes: list[str] | None = None
         self.train_set: ImageFileDataset | None = None
         self.val_set: ImageFileDataset | None = None
@@ -458,7 +468,8 @@ class ImageFileDataModule(L.LightningDataModule):
 
     # --- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Scan the file lists once (later calls do nothing) and take the seeded subsets."""
+        """Scan the file lists once (later calls do nothing), hold out ``val_split`` training
+        images, then take the seeded subsets."""
         if self.train_set is not None:
             return
         if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -470,6 +481,11 @@ class ImageFileDataModule(L.LightningDataModule):
         self._require_root()
         self.classes  # noqa: B018  (read the class list first: its errors come first)
         train, val = self._find_samples()
+        split = hold_out(train.labels, self.val_split, self.split_seed, self.num_classes, self.name)
+        if split is not None:
+            self.heldout_index = split[1]
+            self.heldout_set = self._dataset(train.take(split[1]), self.eval_transform())
+            train = train.take(split[0])
         train = self._subset(train, self.train_subset, "train_subset", 0)
         val = self._subset(val, self.val_subset, "val_subset", 1)
         self.train_set = self._dataset(train, self.train_transform())
@@ -480,13 +496,18 @@ class ImageFileDataModule(L.LightningDataModule):
         drop_last = len(self.train_set) > self.batch_size
         return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
 
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None, "call setup() first"
-        sampler = eval_sampler(self, self.val_set)
-        return self._loader(self.val_set, shuffle=False, drop_last=False, sampler=sampler)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test split; with ``val_split``, ``[test, held-out]`` (dataloader_idx 0, 1)."""
+        test = self.test_dataloader()
+        return test if self.heldout_set is None else [test, self._eval_loader(self.heldout_set)]
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        assert self.val_set is not None, "call setup() first"
+        return self._eval_loader(self.val_set)
+
+    def _eval_loader(self, dataset: ImageFileDataset) -> DataLoader:
+        sampler = eval_sampler(self, dataset)
+        return self._loader(dataset, shuffle=False, drop_last=False, sampler=sampler)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """uint8 crops -> float32 normalised with the ImageNet mean/std, on the device."""
@@ -507,7 +528,7 @@ class ImageFileDataModule(L.LightningDataModule):
     @property
     def skipped_images(self) -> int:
         """How many unreadable images ``on_corrupt="skip"`` replaced (all workers, all splits)."""
-        sets = (self.train_set, self.val_set)
+        sets = (self.train_set, self.val_set, self.heldout_set)
         return sum(int(s.skipped.sum()) for s in sets if s is not None)
 
     def normalize(self, x: Tensor) -> Tensor:
@@ -567,15 +588,10 @@ class ImageFileDataModule(L.LightningDataModule):
         )
 
     def _subset(self, samples: SampleList, n: int | None, key: str, salt: int) -> SampleList:
-        if n is None:
-            return samples
-        if n > len(samples):
-            raise AtxError(
-                f"data.{key}={n} exceeds the {len(samples)} images available in {self.name} "
-                f"under '{self.root}'; set data.{key}<={len(samples)} or null"
-            )
-        gen = torch.Generator().manual_seed(self.seed * 2 + salt)
-        return samples.take(torch.randperm(len(samples), generator=gen)[:n].numpy())
+        held_out = self.val_split if key == "train_subset" else 0
+        where = f"{self.name} under '{self.root}'"
+        idx = subset_index(len(samples), n, self.seed, salt, key, where, held_out)
+        return samples if idx is None else samples.take(idx)
 
 
 def read_lines(path: Path, what: str) -> list[tuple[int, str]]:
