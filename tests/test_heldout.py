@@ -20,6 +20,7 @@ from atx.callbacks import HeldOutSelection
 from atx.data import CIFAR10DataModule, ImageNetDataModule
 from atx.data.split import hold_out, stratified_counts
 from atx.errors import AtxError
+from atx.report import report
 from atx.train import train
 
 
@@ -197,3 +198,26 @@ def test_a_real_run_reports_the_test_error_of_the_held_out_best_epoch(tmp_path: 
     assert metrics["heldout/error"] == pytest.approx(heldout[-1])
     best = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
     assert best == [f"best-epoch{metrics['selected/epoch']}.ckpt"]
+
+
+def test_report_shows_the_test_error_at_the_held_out_best_epoch(tmp_path: Path):
+    def run(name: str, overrides: list[str], seed: int, metrics: dict[str, float]) -> None:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(
+            json.dumps([*overrides, f"seed={seed}"])  # JSON is YAML
+        )
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(json.dumps({"seed": seed}))
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+
+    for seed, selected in enumerate([10.0, 12.0, 14.0]):
+        run(f"a{seed}", ["data.val_split=5000"], seed,
+            {"val/error": 9.0, "best/val_error": 8.0, "selected/test_error": selected})  # fmt: skip
+    run("b0", ["data.val_split=0"], 0, {"val/error": 7.0, "best/val_error": 6.0})
+    rows = {r["config"]: r for r in report(tmp_path)}
+    a = rows["data.val_split=5000"]
+    assert (a["selected_mean"], a["selected_std"], a["selected_median"]) == (12.0, 2.0, 12.0)
+    assert "selected_mean" not in rows["data.val_split=0"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| test error % at held-out-best epoch, mean ± std (median) |" in md
+    assert "| 9.00 ± 0.00 (9.00) | 8.00 ± 0.00 (8.00) | 12.00 ± 2.00 (12.00) | - |" in md
+    assert "| 7.00 ± 0.00 (7.00) | 6.00 ± 0.00 (6.00) | - | - |" in md

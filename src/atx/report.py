@@ -3,7 +3,9 @@
 A finished run is a directory holding ``metrics.json`` and ``.hydra/overrides.yaml`` (what
 ``atx-train`` writes). Runs whose overrides differ only in ``seed`` form one row: mean ± std
 and median over seeds of the last-epoch and the best-epoch test error (the paper reports the
-median of 5 seeds of the last epoch), plus the attention agreement per group when measured.
+median of 5 seeds of the last epoch), the test error at the epoch chosen on held-out training
+images when the runs had ``data.val_split`` (``selected/test_error``), plus the attention
+agreement per group when measured.
 Rows composed from a paper preset (``experiment=t1_...`` etc. with a ``distill`` preset) show
 the paper's number beside ours (:mod:`atx.paper`, verified numbers only). Writes ``report.md``,
 ``report.csv``, for each swept number among beta and p a plot of error against it, and the
@@ -93,6 +95,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["last_mean"], row["last_std"], row["last_median"] = _stats(last)
         if best:
             row["best_mean"], row["best_std"], row["best_median"] = _stats(best)
+        selected = [r["metrics"]["selected/test_error"] for r in members
+                    if r["metrics"].get("selected/test_error") is not None]  # fmt: skip
+        if selected:  # data.val_split: the epoch was chosen on held-out training images
+            row["selected_mean"], row["selected_std"], row["selected_median"] = _stats(selected)
         agreement = sorted({k for r in members for k in r["metrics"] if "agreement/" in k})
         for k in agreement:
             values = [r["metrics"][k] for r in members if k in r["metrics"]]
@@ -116,13 +122,17 @@ def _cell(row: dict[str, Any], name: str) -> str:
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, common: list[str]) -> None:
     agreement = sorted({k for r in rows for k in r if k.startswith("agreement/")})
+    selected = any("selected_mean" in r for r in rows)  # a column only when runs have it
     head = ["config", "seeds", "last-epoch error % mean ± std (median)",
-            "best-epoch error % mean ± std (median)", "paper", *agreement]  # fmt: skip
+            "best-epoch error % mean ± std (median)",
+            *(["test error % at held-out-best epoch, mean ± std (median)"] if selected else []),
+            "paper", *agreement]  # fmt: skip
     lines = [f"All runs: `{' '.join(common)}`" if common else "", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows:
         paper = f"{r['paper_error']:.2f} ({r['paper_table']})" if "paper_error" in r else "-"
-        cells = [f"`{r['config']}`", str(r["seeds"]), _cell(r, "last"), _cell(r, "best"), paper]
+        cells = [f"`{r['config']}`", str(r["seeds"]), _cell(r, "last"), _cell(r, "best"),
+                 *([_cell(r, "selected")] if selected else []), paper]  # fmt: skip
         cells += [f"{r[k]:.3f}" if k in r else "-" for k in agreement]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
