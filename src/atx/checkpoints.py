@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from atx.errors import AtxError
+from atx.errors import AtxError, reason
 
 STUDENT_FILE = "student.pt"
 
@@ -38,10 +38,10 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as e:
         raise AtxError(
             f"refused to load '{p}': it is not a plain tensor checkpoint (weights_only=True"
-            f" rejected it: {str(e).splitlines()[0][:120]})"
-        ) from None
+            f" rejected it: {reason(e)})"
+        ) from e  # torch's whole text: debug=true
     except Exception as e:  # truncated or not a torch file at all
-        raise AtxError(f"cannot read checkpoint '{p}': {type(e).__name__}: {e}") from None
+        raise AtxError(f"cannot read checkpoint '{p}': {reason(e)}") from e
     if isinstance(obj, dict) and "state_dict" in obj:  # Lightning checkpoint of a DistillModule
         obj = {
             k[len("student.") :]: v

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atx.checkpoints import resolve_weights_path
 from atx.data.sampler import ResumableRandomSampler
-from atx.errors import AtxError
+from atx.errors import AtxError, reason
 from atx.files import replace_atomically
 
 CHECKPOINT_DIR = "checkpoints"
@@ -252,8 +252,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             if not isinstance(ckpt, dict) or "loops" not in ckpt or "state_dict" not in ckpt:
                 raise ValueError("not a Lightning training checkpoint")
         except Exception as e:
-            first = str(e).splitlines()[0][:120] if str(e) else ""
-            print(f"atx: skipping unreadable checkpoint '{path}' ({type(e).__name__}: {first});"
+            print(f"atx: skipping unreadable checkpoint '{path}' ({reason(e)});"
                   " trying the previous one", file=sys.stderr)  # fmt: skip
             continue
         return path, ckpt

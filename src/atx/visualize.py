@@ -24,7 +24,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from atx.attention import MapMode, attention_map  # noqa: E402
 from atx.checkpoints import STUDENT_FILE  # noqa: E402
-from atx.errors import AtxError  # noqa: E402
+from atx.errors import AtxError, reason  # noqa: E402
 from atx.features import LayerTaps  # noqa: E402
 from atx.gradient_attention import input_gradient  # noqa: E402
 
@@ -145,7 +145,7 @@ def load_run(run_dir: str | Path) -> tuple[Path, Any]:
     try:
         cfg = OmegaConf.load(config)
     except Exception as e:
-        raise AtxError(f"cannot read '{config}': {type(e).__name__}: {e}") from None
+        raise AtxError(f"cannot read '{config}': {reason(e)}") from e
     if cfg.get("model") is None:
         raise AtxError(f"'{config}' has no 'model' section: is it an atx run config?")
     return run, cfg

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from atx.errors import reason
 from atx.files import replace_atomically
 
 FORMAT = 1  # bump when the stored layout changes: old files then stop matching
@@ -69,7 +70,7 @@ def read(path: Path) -> dict[str, Any] | None:
             raise ValueError("not an atx dataset cache")
     except Exception as err:  # truncated, corrupt, foreign: never trust it, rebuild instead
         warnings.warn(
-            f"ignoring the unreadable data cache '{path}' ({type(err).__name__}: {err}); "
+            f"ignoring the unreadable data cache '{path}' ({reason(err)}); "
             f"decoding the dataset again",
             stacklevel=2,
         )

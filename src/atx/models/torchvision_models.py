@@ -12,7 +12,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from atx.errors import AtxError
+from atx.errors import AtxError, reason
 
 
 def classification_archs() -> list[str]:
@@ -78,10 +78,10 @@ def load_weights(model: nn.Module, weights_path: str) -> None:
     except pickle.UnpicklingError as e:  # a pickled object, not plain tensors: never run it
         raise AtxError(
             f"refused to load weights file '{weights_path}': it is not a plain tensor checkpoint"
-            f" (weights_only=True rejected it: {str(e).splitlines()[0][:120]})"
-        ) from None
+            f" (weights_only=True rejected it: {reason(e)})"
+        ) from e  # torch's whole text: debug=true
     except Exception as e:  # any unreadable file is a user error
-        raise AtxError(f"cannot read weights file '{weights_path}': {e}".splitlines()[0]) from e
+        raise AtxError(f"cannot read weights file '{weights_path}': {reason(e)}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AtxError(f"weights file '{weights_path}' does not hold a state dict of tensors")
     own = model.state_dict()
