@@ -27,11 +27,13 @@ import yaml
 from configs import compose_cfg
 from wandb_records import summarise
 
+from atx import run_dir
 from atx.data.sampler import ResumableRandomSampler
 from atx.errors import AtxError
 from atx.models import build_model
 from atx.resume import AtomicCheckpointIO, newest_checkpoint
 from atx.run_dir import claim_run_dir, expand_resume_argv
+from atx.train import train
 
 ROOT = Path(__file__).parents[1]
 RUN = [
@@ -205,6 +207,36 @@ def test_resume_refuses_a_changed_config(runs):
     cfg = compose_cfg([*runs["args"], "distill.at.beta=5", f"resume={runs['run']}"])
     with pytest.raises(AtxError, match=r"distill\.at\.beta=5\.0 differs from the run's"):
         claim_run_dir(cfg, runs["run"])
+
+
+def test_no_readable_checkpoint_starts_over_and_keeps_the_bad_files(tmp_path, capsys):
+    """Every checkpoint unreadable: one line says the run starts from scratch; the bad files
+    are kept in checkpoints/unreadable/, and Lightning writes last.ckpt, not last-v1.ckpt."""
+    cfg = compose_cfg(["model.depth=10", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                       "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                       "data.train_subset=16", "data.val_subset=8", "logger=csv",
+                       "figure_images=0"])  # fmt: skip
+    claim_run_dir(cfg, tmp_path)  # the run started ...
+    while run_dir._held_locks:  # ... and its process died
+        run_dir._held_locks.pop().close()
+    bad = {"last.ckpt": b"PK\x03\x04 torn", "step-2.ckpt": b"\x00" * 64}
+    (tmp_path / "checkpoints").mkdir()
+    for name, content in bad.items():
+        (tmp_path / "checkpoints" / name).write_bytes(content)
+    capsys.readouterr()
+    train(cfg, tmp_path, claim=True)
+    err = capsys.readouterr().err.splitlines()
+    start = f"atx: no readable checkpoint in '{tmp_path / 'checkpoints'}': starting from scratch"
+    assert start in err
+    assert sum("skipping unreadable checkpoint" in line and "; moved to '" in line
+               for line in err) == 2  # fmt: skip
+    names = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in names and not [n for n in names if "-v" in n], names
+    aside = tmp_path / "checkpoints" / "unreadable"
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == bad
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    while run_dir._held_locks:
+        run_dir._held_locks.pop().close()
 
 
 def test_dir_with_foreign_files_is_refused(tmp_path):

@@ -13,7 +13,8 @@ follow. What it does not restore, :class:`ResumeState` adds to every checkpoint 
 
 Files are written to a temporary name, flushed and renamed over the old one
 (:class:`AtomicCheckpointIO`), so a crash while writing never leaves a truncated checkpoint as
-the only copy; :func:`newest_checkpoint` still skips unreadable ones, newest first.
+the only copy; :func:`newest_checkpoint` still skips unreadable ones, newest first, and
+:func:`set_aside` moves them to ``checkpoints/unreadable/``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from atx.errors import AtxError, reason
 from atx.files import replace_atomically
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable"  # checkpoints/unreadable/: files no resume could read
 INTERRUPTED = "interrupted.ckpt"  # written when SIGTERM stops a run
 
 
@@ -244,16 +246,40 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
-def newest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint and its content; unreadable ones are named and skipped."""
+def newest_checkpoint(
+    run_dir: Path, unreadable: list[tuple[Path, str]] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint and its content. Unreadable ones are skipped, newest
+    first: named on stderr, or collected in ``unreadable`` as ``(file, why)``."""
     for path in checkpoint_files(run_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or "loops" not in ckpt or "state_dict" not in ckpt:
                 raise ValueError("not a Lightning training checkpoint")
         except Exception as e:
-            print(f"atx: skipping unreadable checkpoint '{path}' ({reason(e)});"
-                  " trying the previous one", file=sys.stderr)  # fmt: skip
+            if unreadable is None:
+                print(f"atx: skipping unreadable checkpoint '{path}' ({reason(e)});"
+                      " trying the previous one", file=sys.stderr)  # fmt: skip
+            else:
+                unreadable.append((path, reason(e)))
             continue
         return path, ckpt
     return None
+
+
+def set_aside(run_dir: Path, unreadable: list[tuple[Path, str]]) -> None:
+    """Move unreadable checkpoints to ``checkpoints/unreadable/``, saying so: kept for the
+    user, and out of Lightning's way (beside a bad ``last.ckpt`` it would write
+    ``last-v1.ckpt``)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR / UNREADABLE_DIR
+    for path, why in unreadable:
+        target, n = folder / path.name, 1
+        while target.exists():  # set aside before: keep both
+            target, n = folder / f"{path.stem}.{n}{path.suffix}", n + 1
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
+            moved = f"moved to '{target}'"
+        except OSError as e:  # another rank moved it first, or a read-only dir
+            moved = f"left in place ({reason(e)})"
+        print(f"atx: skipping unreadable checkpoint '{path}' ({why}); {moved}", file=sys.stderr)

@@ -6,7 +6,8 @@ A run dir is owned by the config recorded in ``<run>/.atx/config.yaml`` when the
 ``hydra.run.dir`` / ``hydra.sweep.dir``:
 
 - same config, unfinished: continue from the newest readable checkpoint (or start over when
-  none was written yet);
+  none was written yet, or none can be read: unreadable ones are moved to
+  ``checkpoints/unreadable/``);
 - same config, finished (``metrics.json`` for ``trainer.max_epochs`` epochs): skipped, the
   recorded metrics are returned; a larger ``trainer.max_epochs`` continues training instead;
 - another config, or files not written by atx: refused with one line, and Hydra's ``.hydra/``
@@ -39,6 +40,7 @@ from atx.resume import (
     checkpoint_files,
     configured_teacher,
     newest_checkpoint,
+    set_aside,
 )
 
 STATE_DIR = ".atx"
@@ -230,13 +232,18 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
         if rank0:
             _restore_hydra_files(run_dir)  # Hydra rewrote them for this launch
         return Claim(wandb_id, finished=finished)
-    found = newest_checkpoint(run_dir)
+    unreadable: list[tuple[Path, str]] = []
+    found = newest_checkpoint(run_dir, unreadable)
     if found is not None and "atx" in found[1]:
         check_teacher(found[1]["atx"]["teacher"], teacher, found[0])
     if rank0:
         _lock(run_dir)
         for stale in (run_dir / CHECKPOINT_DIR).glob(".*.tmp*"):  # a writer killed mid-write
             stale.unlink()
+        set_aside(run_dir, unreadable)
+        if unreadable and found is None:
+            print(f"atx: no readable checkpoint in '{run_dir / CHECKPOINT_DIR}': starting from"
+                  " scratch", file=sys.stderr)  # fmt: skip
         _record(run_dir, config)
         if not wandb_id:
             wandb_id = secrets.token_hex(4)
