@@ -13,6 +13,7 @@ The interrupted run must end with exactly the reference's weights (deterministic
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import pytest
 import torch
 import yaml
 from configs import compose_cfg
-from wandb_records import summarise
+from wandb_records import read_records, summarise
 
 from atx import run_dir
 from atx.data.sampler import ResumableRandomSampler
@@ -158,6 +159,41 @@ def test_sigkill_sigterm_and_corrupt_checkpoints_resume_to_the_same_weights(runs
     metrics = json.loads((runs["run"] / "metrics.json").read_text())
     assert metrics["val/error"] == ref_metrics["val/error"]
     assert metrics["epochs"] == 2
+
+
+def epoch_metrics(run: Path) -> dict[int, dict[str, float]]:
+    """The epoch values of ``train/*`` of each epoch in ``csv/metrics.csv``."""
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    return {int(float(r["epoch"])): {k: float(v) for k, v in r.items() if is_epoch_value(k) and v}
+            for r in rows if r.get("train/loss_epoch")}  # fmt: skip
+
+
+def is_epoch_value(key: str) -> bool:
+    return key.startswith("train/") and (key.endswith("_epoch") or key == "train/error")
+
+
+def wandb_epoch_metrics(path: Path) -> dict[int, dict[str, float]]:
+    """The same from an offline W&B run file (history rows)."""
+    out: dict[int, dict[str, float]] = {}
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in rec.history.item}  # fmt: skip
+            if "train/loss_epoch" in row:
+                out[int(row["epoch"])] = {k: v for k, v in row.items() if is_epoch_value(k)}
+    return out
+
+
+def test_a_mid_epoch_resume_logs_the_whole_epochs_metrics(runs):
+    """Epoch 0 was resumed after its step 2 (by the launch SIGTERM stopped in epoch 1) and
+    epoch 1 after the epoch-0 end: the epoch values average all 6 steps of each epoch, as in
+    the uninterrupted run."""
+    reference = epoch_metrics(runs["sweep"] / "0")
+    first, _ = sorted(runs["run"].glob("wandb/offline-run-*/run-*.wandb"))
+    resumed = {0: wandb_epoch_metrics(first)[0], 1: epoch_metrics(runs["run"])[1]}
+    assert {"train/loss_epoch", "train/error", "train/at/group1_epoch"} <= set(reference[0])
+    for epoch in (0, 1):
+        assert resumed[epoch] == pytest.approx(reference[epoch], rel=1e-6), epoch
 
 
 def test_resumed_runs_continue_one_wandb_run(runs):
