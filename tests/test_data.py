@@ -26,6 +26,7 @@ from atx.data import (
     read_idx,
 )
 from atx.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_MEAN, CIFAR_STD
+from atx.data.spread import spread_over_classes
 from atx.errors import AtxError
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -274,8 +275,9 @@ def test_setup_subsets_loaders_and_val_images(tmp_path: Path) -> None:
     val = torch.cat([b[0] for b in dm.val_dataloader()])
     assert torch.equal(val, dm.x_val)
     assert torch.equal(torch.cat([b[0] for b in dm.test_dataloader()]), dm.x_val)
-    xs, ys = dm.val_images(2)
-    assert torch.equal(xs, dm.x_val[:2]) and torch.equal(ys, dm.y_val[:2])
+    xs, ys = dm.val_images(2)  # spread over the classes (test_visualize.py)
+    idx = spread_over_classes(dm.y_val, 2)
+    assert torch.equal(xs, dm.x_val[idx]) and torch.equal(ys, dm.y_val[idx])
     assert not dm.train_dataloader().persistent_workers
 
     lazy = CIFAR10DataModule(str(tmp_path))

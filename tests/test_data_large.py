@@ -84,9 +84,10 @@ def test_imagenet_layout(imagenet: Path) -> None:
     assert torch.allclose(dm.denormalize(xf), x, atol=1)
     batches = list(dm.val_dataloader())
     assert [len(b[1]) for b in batches] == [4, 2] and len(list(dm.train_dataloader())) == 2
-    xv, yv = dm.val_images(4)
-    assert xv.dtype == torch.uint8 and xv.shape == (4, 3, 32, 32) and yv.tolist() == [0, 0, 1, 1]
-    assert torch.equal(xv, batches[0][0]) and colour_labels(xv) == yv.tolist()
+    xv, yv = dm.val_images(4)  # spread over the classes: images 0, 2, 4, 1 of [0, 0, 1, 1, 2, 2]
+    assert xv.dtype == torch.uint8 and xv.shape == (4, 3, 32, 32) and yv.tolist() == [0, 1, 2, 0]
+    assert torch.equal(xv, torch.cat([b[0] for b in batches])[[0, 2, 4, 1]])
+    assert colour_labels(xv) == yv.tolist()
     assert dm.test_dataloader().dataset is dm.val_set
 
 
@@ -147,7 +148,8 @@ def test_subsets_are_seeded(imagenet: Path) -> None:
         dm = ImageNetDataModule(str(imagenet), train_subset=4, val_subset=2, seed=seed, **SMALL)
         dm.setup()
         assert len(dm.train_set) == 4 and len(dm.val_set) == 2
-        assert colour_labels(dm.val_images(2)[0]) == dm.val_set.samples.labels.tolist()
+        xv, yv = dm.val_images(2)
+        assert colour_labels(xv) == yv.tolist() == sorted(dm.val_set.samples.labels.tolist())
         return list(dm.train_set.samples.paths), list(dm.val_set.samples.paths)
 
     assert paths(0) == paths(0) and paths(0) != paths(1)
@@ -226,9 +228,9 @@ def test_skip_mode_replaces_counts_and_warns(imagenet: Path) -> None:
     dm = ImageNetDataModule(str(imagenet), on_corrupt="skip", **SMALL)
     dm.setup()
     with pytest.warns(UserWarning, match=rf"skipped: cannot decode image '{bad}'"):
-        x, y = dm.val_images(6)
+        x, y = dm.val_images(6)  # samples 0, 2, 4, 1, 3, 5 (spread over the classes)
     # sample 1 was replaced by sample 2 (the next one) with its own label, never a wrong one
-    assert y.tolist() == [0, 1, 1, 1, 2, 2] and colour_labels(x) == y.tolist()
+    assert y.tolist() == [0, 1, 2, 1, 1, 2] and colour_labels(x) == y.tolist()
     assert dm.skipped_images == 1
     with pytest.warns(UserWarning, match="1 unreadable ImageNet images were skipped"):
         dm.teardown("fit")

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from atx.build import build_network
+from atx.data import CIFAR10DataModule
+from atx.data.spread import spread_over_classes
 from atx.visualize import main
 
 CELL, DPI = 1.3, 110  # inches per grid cell and dots per inch of save_attention_figure
@@ -128,3 +130,18 @@ def test_bad_inputs_one_line_exit_2(runs, tmp_path, capsys, case, message):
     assert err.startswith("atx-visualize: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_figure_images_are_spread_over_the_classes(data_root) -> None:
+    """An image-folder CIFAR-10 lists its test images class by class (airplanes first): the
+    figures take the first image of every class, then the second, the same on every call."""
+    assert spread_over_classes([0, 0, 0, 1, 1, 2], 5) == [0, 3, 5, 1, 4]
+    assert spread_over_classes([3, 1, 3], 9) == [1, 0, 2] and spread_over_classes([], 4) == []
+    dm = CIFAR10DataModule(str(data_root))
+    dm.setup()
+    assert dm.y_val.tolist()[:4] == [0, 0, 1, 1]  # file order
+    x, y = dm.val_images(12)
+    assert y.tolist() == [*range(10), 0, 1]
+    assert torch.equal(x, dm.x_val[[*range(0, 20, 2), 1, 3]])
+    again = CIFAR10DataModule(str(data_root))
+    assert torch.equal(again.val_images(12)[0], x)

@@ -24,6 +24,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from atx.attention import MapMode, attention_map  # noqa: E402
 from atx.checkpoints import STUDENT_FILE  # noqa: E402
+from atx.data.spread import spread_over_classes  # noqa: E402
 from atx.errors import AtxError, reason  # noqa: E402
 from atx.features import LayerTaps  # noqa: E402
 from atx.gradient_attention import input_gradient  # noqa: E402
@@ -162,13 +163,14 @@ def run_label(run: Path, cfg: Any) -> str:
 
 
 def pick_images(data: Any, split: str, n: int) -> tuple[Tensor, Tensor]:
-    """The first ``n`` (uint8 images, labels) of ``split``."""
+    """``n`` (uint8 images, labels) of ``split``, spread over the classes."""
     if split == "val":
         return data.val_images(n)
     x, y = getattr(data, "x_train", None), getattr(data, "y_train", None)
     if x is None or y is None:
         raise AtxError(f"--split train is not available for {type(data).__name__}; use --split val")
-    return x[:n].clone(), y[:n].clone()
+    idx = torch.tensor(spread_over_classes(y, n), dtype=torch.long, device=x.device)
+    return x[idx].cpu().clone(), y[idx].cpu().clone()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -26,6 +26,7 @@ from atx.data import cache as disk_cache
 from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
 from atx.data.sampler import ResumableRandomSampler
 from atx.data.split import check_split, check_subsets, eval_sampler, hold_out, subset_index
+from atx.data.spread import spread_over_classes
 from atx.errors import AtxError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -250,10 +251,13 @@ class TensorImageDataModule(L.LightningDataModule):
         return denormalize(x, self.mean, self.std, as_uint8=as_uint8)
 
     def val_images(self, n: int) -> tuple[Tensor, Tensor]:
-        """The first ``n`` validation images (uint8) and labels: a fixed set for figures."""
+        """``n`` validation images (uint8) and labels spread over the classes: a fixed set for
+        figures (:func:`atx.data.spread.spread_over_classes`)."""
         self.setup()
         assert self.x_val is not None and self.y_val is not None
-        return self.x_val[:n].cpu().clone(), self.y_val[:n].cpu().clone()
+        idx = torch.tensor(spread_over_classes(self.y_val, n), dtype=torch.long)
+        idx = idx.to(self.x_val.device)  # device-resident: gather there, copy only these
+        return self.x_val[idx].cpu().clone(), self.y_val[idx].cpu().clone()
 
     def _loader(self, dataset: TensorPairDataset, sampler: Sampler | None) -> DataLoader:
         on_host = dataset.x.device.type == "cpu"  # device-resident: gather in the main process

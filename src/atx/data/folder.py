@@ -57,6 +57,7 @@ except ImportError:  # a torchvision without image io: PIL decodes everything
 from atx.data.augment import denormalize, normalize
 from atx.data.base import IMAGE_EXTENSIONS
 from atx.data.split import check_split, check_subsets, eval_sampler, hold_out, subset_index
+from atx.data.spread import spread_over_classes
 from atx.errors import AtxError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -545,10 +546,11 @@ class ImageFileDataModule(L.LightningDataModule):
         return denormalize(x, self.mean, self.std, as_uint8=as_uint8)
 
     def val_images(self, n: int) -> tuple[Tensor, Tensor]:
-        """The first ``n`` validation images after the eval resize + crop (uint8) and labels."""
+        """``n`` validation images after the eval resize + crop (uint8) and labels, spread over
+        the classes (:func:`atx.data.spread.spread_over_classes`)."""
         self.setup()
         assert self.val_set is not None
-        items = [self.val_set[i] for i in range(min(n, len(self.val_set)))]
+        items = [self.val_set[i] for i in spread_over_classes(self.val_set.samples.labels, n)]
         if not items:
             shape = (0, 3, self.image_size, self.image_size)
             return torch.zeros(shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
