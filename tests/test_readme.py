@@ -32,7 +32,8 @@ from atx.models import _entry
 from atx.train import CONF_DIR, check_config, check_sweep
 
 README = Path(__file__).parents[1] / "README.md"
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()) + ["hydra/launcher"]
+GROUPS = [*sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name[0] != "_"),
+          "hydra/launcher"]
 CODE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # the section that documents refused overrides (distill=atkd, distill.at.beta=abc, ...)
 ERROR_EXAMPLES = re.compile(r"^### What is checked at start-up\n.*?(?=^#)", re.S | re.M)
@@ -68,10 +69,16 @@ def concrete(token: str) -> str:
 
 def prose_spans(text: str) -> Iterator[tuple[list[str], str]]:
     """``(presets named in the same table row, span)`` for the inline code outside code blocks
-    (``<placeholder>`` -> ``x``; ``a.{b,c}`` -> ``a.b`` and ``a.c``)."""
+    (spans may wrap lines; ``<placeholder>`` -> ``x``; ``a.{b,c}`` -> ``a.b`` and ``a.c``)."""
+    paragraphs: list[str] = [""]
     for line in ERROR_EXAMPLES.sub("", CODE.sub("", text)).splitlines():
+        if line.startswith("|") or not line.strip():  # a table row is a paragraph of its own
+            paragraphs += [line, ""]
+        else:
+            paragraphs[-1] += " " + line
+    for paragraph in paragraphs:
         row: list[str] = []
-        for cell in line.split("|") if line.startswith("|") else []:
+        for cell in paragraph.split("|") if paragraph.startswith("|") else []:
             group = None
             for span in re.findall(r"`([^`]+)`", cell):  # `model=resnet18`, `resnet34`
                 choice = span.split("=", 1)
@@ -79,7 +86,7 @@ def prose_spans(text: str) -> Iterator[tuple[list[str], str]]:
                     group = choice[0]
                 if group and (CONF_DIR / group / f"{choice[-1]}.yaml").is_file():
                     row.append(f"{group}={choice[-1]}")
-        for span in re.findall(r"`([^`]+)`", line):
+        for span in re.findall(r"`([^`]+)`", paragraph):
             span = re.sub(r"<[^>]*>", "x", span)
             braces = re.fullmatch(r"([^{]*)\{([^}]*)\}", span)
             for one in [braces[1] + b for b in braces[2].split(",")] if braces else [span]:
@@ -88,7 +95,8 @@ def prose_spans(text: str) -> Iterator[tuple[list[str], str]]:
 
 def readme_commands(text: str) -> list[list[str]]:
     """The tokens after ``atx-train`` of every command, and spans of several overrides
-    (``model=torchvision model.arch=x``); ``resume=`` needs a run: left out."""
+    (``model=torchvision model.arch=x``); ``resume=`` (needs a run) and commands naming a preset
+    by a placeholder are left out."""
     lines = [ln.split("atx-train ", 1)[1] for lang, block in CODE.findall(text) if lang == "bash"
              for ln in block.replace("\\\n", " ").splitlines() if "atx-train " in ln]  # fmt: skip
     for _, span in prose_spans(text):
@@ -97,7 +105,14 @@ def readme_commands(text: str) -> list[list[str]]:
         elif len(span.split()) > 1 and all(is_override(t) for t in span.split()):
             lines.append(span)
     commands = [shlex.split(line, comments=True) for line in lines]
-    return [c for c in commands if not any(t.startswith("resume=") for t in c)]
+    return [c for c in commands if not any(t.startswith("resume=") or placeholder_choice(t)
+                                           for t in c)]  # fmt: skip
+
+
+def placeholder_choice(token: str) -> bool:
+    """``experiment=<name>``: a preset no test can compose."""
+    key, _, value = token.partition("=")
+    return key in GROUPS and (value == "x" or bool(PLACEHOLDER.search(value)))
 
 
 def readme_options(text: str) -> list[tuple[list[str], str]]:

@@ -13,6 +13,7 @@ used, ``attention.png``; ``.atx/`` and ``wandb_id.txt`` mark which run owns the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -63,7 +64,21 @@ register()
 # the frozen teacher is in eval mode on purpose; lightning's own deprecation noise is not ours
 warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repo's conf/ (editable install)
+
+
+def _conf_dir() -> tuple[Path, str]:
+    """conf/ as shipped in the package, ``atx.conf`` (an editable install maps it to the
+    checkout's conf/), and Hydra's name for it; an editable install made before that mapping
+    existed still reads the checkout's conf/."""
+    spec = importlib.util.find_spec(CONF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        path = Path(__file__).resolve().parents[2] / "conf"
+        return path, str(path)
+    return Path(list(spec.submodule_search_locations)[0]), f"pkg://{CONF_PACKAGE}"
+
+
+CONF_PACKAGE = "atx.conf"
+CONF_DIR, CONF_SOURCE = _conf_dir()  # users add their own with hydra.searchpath=[file://...]
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -244,7 +259,7 @@ def fit_progress(
     return state["epoch"] + 1, None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_SOURCE, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
