@@ -174,6 +174,8 @@ def test_every_experiment_preset_composes(preset):
         assert cfg.name.startswith(preset) and cfg.name.endswith("-at")
     if preset.startswith("t3_"):  # the paper's grad-AT setting: no BN, flips only, no wd
         assert not cfg.model.batch_norm and cfg.data.pad == 0 and cfg.optim.weight_decay == 0
+    cifar = preset.startswith(("t1_", "t2_", "t3_", "cifar10_"))  # the authors' cifar.py
+    assert cfg.optim.recipe == ("authors" if cifar else "standard")
 
 
 def test_every_term_at_once(tmp_path, teacher_dir):
