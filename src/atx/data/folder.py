@@ -14,9 +14,10 @@ them through a :class:`ImageFileDataset`:
   decompression-bomb guard covering both decoders); ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
   is never enabled: truncated files are errors.
 * **augmentation** in the workers with ``torchvision.transforms.v2`` on uint8 tensors: training
-  ``RandomResizedCrop(224)`` + flip (ImageNet, fb.resnet.torch) or ``Resize(256)`` +
-  ``RandomCrop(224)`` + flip (``train_crop="random"``: CUB and Scenes, §4.2), evaluation
-  ``Resize(256)`` + ``CenterCrop(224)``; an optional per-sample box (CUB) is cropped first.
+  ``RandomResizedCrop(224)`` + flip (ImageNet, as the authors' ``imagenet.py``) or
+  ``Resize(256)`` + ``RandomCrop(224)`` + flip (``train_crop="random"``: CUB and Scenes, §4.2),
+  evaluation ``Resize(256)`` + ``CenterCrop(224)``; an optional per-sample box (CUB) is cropped
+  first.
 * **normalisation** after the device transfer: workers return **uint8** crops (4x less to pin
   and copy than float32) and :meth:`ImageFileDataModule.on_after_batch_transfer` normalises the
   batch with the ImageNet mean/std on the device, as :class:`~atx.data.base.TensorImageDataModule`

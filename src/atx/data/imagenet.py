@@ -25,7 +25,8 @@ from atx.errors import AtxError
 
 class ImageNetDataModule(ImageFileDataModule):
     """ImageNet: RandomResizedCrop(224) + flip for training, Resize(256) + CenterCrop(224)
-    for validation (fb.resnet.torch, used by the paper's ImageNet experiments)."""
+    for validation, as the authors' ``imagenet.py``: fb.resnet.torch's crops without its colour
+    jitter and lighting (PCA) noise (and the presets' SGD has no Nesterov momentum)."""
 
     name = "ImageNet"
     default_train_crop = "random_resized"
