@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 @dataclass
 class Study:
@@ -71,11 +73,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def sweep_jobs(sweep_dir: Path) -> dict[tuple[str, int], Path]:
+    """``{(distill preset, seed): run dir}`` of a multirun, read from each job's overrides."""
+    jobs = {}
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        values = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
+        jobs[values["distill"], int(values["seed"])] = overrides_file.parents[1]
+    return jobs
+
+
 def collect(study: Study, teacher_dir: Path, students_dir: Path) -> dict[str, dict[str, Any]]:
     """Per row (teacher, then each method): its run dirs, final metrics and per-epoch errors."""
     rows: dict[str, dict[str, Any]] = {"teacher": {"dirs": [teacher_dir]}}
+    jobs = sweep_jobs(students_dir)
     for label, preset in study.methods.items():
-        rows[label] = {"dirs": [students_dir / f"distill={preset},seed={s}" for s in study.seeds]}
+        rows[label] = {"dirs": [jobs[preset, s] for s in study.seeds]}
     for row in rows.values():
         row["metrics"] = [json.loads((d / "metrics.json").read_text()) for d in row["dirs"]]
         row["curves"] = [epoch_errors(d) for d in row["dirs"]]
@@ -155,8 +167,7 @@ def run_study(study: Study, out: Path, teachers: Path) -> str:
     atx_train(["-m", *study.students, f"teacher.checkpoint={teacher_dir}",
                f"distill={','.join(study.methods.values())}",
                f"seed={','.join(str(s) for s in study.seeds)}",
-               f"hydra.sweep.dir={students}",
-               "hydra.sweep.subdir=${hydra.job.override_dirname}"])  # fmt: skip
+               f"hydra.sweep.dir={students}"])  # fmt: skip
     rows = collect(study, teacher_dir, students)
     from atx.visualize import main as visualize
 

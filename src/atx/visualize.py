@@ -154,12 +154,12 @@ def load_run(run_dir: str | Path) -> tuple[Path, Any]:
 
 def run_label(run: Path, cfg: Any) -> str:
     """``name (error%)`` from the run's config and ``metrics.json`` (``n/a`` without it)."""
-    name = str(cfg.get("name") or run.name)
-    try:
-        error = json.loads((run / "metrics.json").read_text())["val/error"]
-        return f"{name} ({float(error):.1f}%)"
+    try:  # metrics.json holds the resolved name; the saved config may hold ${hydra:...}
+        metrics = json.loads((run / "metrics.json").read_text())
+        return f"{metrics.get('name') or run.name} ({float(metrics['val/error']):.1f}%)"
     except (OSError, ValueError, KeyError, TypeError):
-        return f"{name} (n/a)"
+        name = cfg._get_node("name")._value() if "name" in cfg else None
+        return f"{name if name and '${' not in str(name) else run.name} (n/a)"
 
 
 def pick_images(data: Any, split: str, n: int) -> tuple[Tensor, Tensor]:
