@@ -21,6 +21,7 @@ import json
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ def curves_figure(study: Study, rows: dict[str, dict[str, Any]], path: Path) -> 
         ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test error % (mean ± std, {len(study.seeds)} seeds)")
-    ax.set_title(study.title, fontsize=9)
+    ax.set_title(textwrap.fill(study.title, 80), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
