@@ -113,7 +113,7 @@ def train(
     owner = claim_run_dir(cfg, run_dir) if claim else None
     if owner is not None and owner.finished is not None:
         print(f"atx: '{run_dir}' has finished already: skipped", file=sys.stderr)
-        return {k: v for k, v in owner.finished.items() if k.startswith("val/")}
+        return {k: v for k, v in owner.finished.items() if k.startswith(("val/", f"{HELDOUT}/"))}
     configure_allocator(cfg.speed.allocator)  # before data and models take memory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build.build_data(cfg)
@@ -273,7 +273,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"atx: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
-    return metrics.get("val/error")
+    # what a Hydra sweeper optimises: the held-out error when there is one, never the test error
+    return metrics.get("heldout/error", metrics.get("val/error"))
 
 
 def main() -> None:
