@@ -375,3 +375,14 @@ def test_launcher_preemption_signal_saves_first_then_requeues(runs, tmp_path):
     assert code == 0, err[-2000:]
     reference = torch.load(runs["sweep"] / "0" / "student.pt", weights_only=True)
     assert all(torch.equal(v, student(run)[k]) for k, v in reference.items())
+
+
+def test_config_of_an_older_atx_resumes_with_new_keys_at_their_defaults() -> None:
+    from atx.run_dir import differences
+
+    old = {"optim": {"lr": 0.1}, "data": {"root": "a"}}
+    new = {"optim": {"lr": 0.1, "recipe": "standard"}, "data": {"root": "a", "val_split": 0}}
+    assert differences(old, new) == []
+    assert differences(old, {**new, "optim": {"lr": 0.2, "recipe": "standard"}}) == [
+        ("optim.lr", 0.1, 0.2)
+    ]

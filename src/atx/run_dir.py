@@ -117,7 +117,8 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, An
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in dict.fromkeys([*old, *new]):
-            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
+            if k in old:  # a key an older atx did not record: its default is the old behaviour
+                out += differences(old[k], new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [(prefix[:-1], old, new)]
 
