@@ -158,8 +158,10 @@ def run_label(run: Path, cfg: Any) -> str:
         metrics = json.loads((run / "metrics.json").read_text())
         return f"{metrics.get('name') or run.name} ({float(metrics['val/error']):.1f}%)"
     except (OSError, ValueError, KeyError, TypeError):
-        name = cfg._get_node("name")._value() if "name" in cfg else None
-        return f"{name if name and '${' not in str(name) else run.name} (n/a)"
+        from omegaconf import OmegaConf
+
+        name = str(OmegaConf.to_container(cfg).get("name") or "")  # unresolved, as saved
+        return f"{name if name and '${' not in name else run.name} (n/a)"
 
 
 def pick_images(data: Any, split: str, n: int) -> tuple[Tensor, Tensor]:
