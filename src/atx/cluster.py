@@ -2,11 +2,12 @@
 job, which GPU a local job gets, and SyncBatchNorm for the student.
 
 Lightning's own ``ddp`` re-runs the command line for every extra rank, which breaks under a Hydra
-sweep (stack notes 1.3). Under the submitit launcher the ranks are created by the scheduler
+sweep: every rank runs its own copy of the sweep, and a swept ``trainer.devices`` silently
+keeps the first job's world size. Under the submitit launcher the ranks are created by the scheduler
 instead (``tasks_per_node = trainer.devices``, conf/hydra/launcher/slurm.yaml) and Lightning
 only joins them: on Slurm it detects ``SLURMEnvironment`` itself; submitit's local executor
 sets no Slurm variables, so :class:`SubmititEnvironment` tells Lightning about its ranks
-(stack notes E9).
+(without it, submitit's ranks plus Lightning's own re-launch fail at start-up).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def cluster_plugins() -> list[Any]:
     * submitit local executor: :class:`SubmititEnvironment`.
     * Slurm through submitit: ``SLURMEnvironment(auto_requeue=False)``: submitit owns the
       requeue (``max_num_timeout``), Lightning must not requeue the same job a second time
-      (stack notes 1.5).
+      (both would otherwise react to the same preemption signal).
     * anything else (a plain Slurm ``srun``, a workstation): Lightning's own detection.
     """
     if SubmititEnvironment.detect():
@@ -141,8 +142,8 @@ class GpuClaim:
 def check_sync_batchnorm(trainer: DictConfig) -> None:
     if trainer.get("sync_batchnorm") and str(trainer.get("accelerator")) not in ("gpu", "cuda"):
         raise AtxError(
-            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm has no CPU kernel, stack"
-            " notes E21): add trainer.accelerator=gpu or drop trainer.sync_batchnorm"
+            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm has no CPU kernel):"
+            " add trainer.accelerator=gpu or drop trainer.sync_batchnorm"
         )
 
 
@@ -154,7 +155,8 @@ def sync_batchnorm(student: torch.nn.Module) -> torch.nn.Module:
 
 def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
     """Lightning's ``ddp`` re-runs the command line for every rank, so under ``-m`` with an
-    in-process launcher each rank would run its own copy of the sweep (stack notes E3-E5)."""
+    in-process launcher each rank would run its own copy of the sweep (and a swept device
+    count would silently keep the first job's world size)."""
     t = cfg.trainer
     several = str(t.get("devices", 1)) not in ("1", "[0]") or t.get("num_nodes", 1) != 1
     in_process = "submitit" not in launcher

@@ -2,7 +2,9 @@
 
 One W&B run per job: grouped by sweep dir, named after the keys the sweep varies, tagged with
 the presets the config was composed from, its config logged as flat keys a dashboard can filter
-on, and finished at the end of the job (stack notes E13, E16).
+on, and finished at the end of the job: Lightning's ``WandbLogger`` never finishes its run, and
+a new logger silently reuses ``wandb.run``, so without it every job of a multirun would log
+into the first job's run.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def build_loggers(
 
 
 def finish_wandb(loggers: list[Any]) -> None:
-    """End the W&B run so the next job of a multirun starts its own (stack notes E13)."""
+    """End the W&B run so the next job of a multirun starts its own run."""
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         import wandb
 

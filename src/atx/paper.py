@@ -1,6 +1,6 @@
-"""The paper's test errors for the rows our experiment presets reproduce (``notes/paper.md``).
+"""The paper's test errors for the rows our experiment presets reproduce.
 
-Only the numbers marked verified there are listed: values marked UNVERIFIED are not targets.
+Only numbers read from the paper itself are listed; values we could not check are left out.
 Keys are (experiment preset, distill preset) as Hydra records them in
 ``.hydra/hydra.yaml`` (``runtime.choices``).
 """

@@ -6,7 +6,7 @@ None of them changes what is trained beyond float rounding (tests/test_speed.py 
   CPUs with oneDNN and on tensor-core GPUs).
 * ``compile``: ``nn.Module.compile()`` of student and teacher, in place, so checkpoints keep
   their keys. Not with input-gradient terms (grad-AT, symmetry, min-l2): ``torch.compile``
-  cannot double-backward (stack notes E20), so those runs stay eager with a warning.
+  cannot double-backward, so those runs stay eager with a warning.
 * ``teacher_precision`` / ``teacher_inference_mode``: the teacher's forward under autocast to
   bf16/fp16 and ``torch.inference_mode``. Its outputs are only targets: the attention maps and
   transfer losses are computed from them in float32 (``atx.attention.spatial_map``). The grad-AT

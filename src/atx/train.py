@@ -244,8 +244,8 @@ def fit_progress(
     trainer: L.Trainer, checkpoint: ModelCheckpoint, selection: HeldOutSelection | None = None
 ) -> tuple[int, Any]:
     """Epochs trained and the best score of ``checkpoint``. With ``ddp_spawn`` the fit ran in
-    worker processes and this process's trainer never saw it (stack notes E22): read them (and
-    the history of ``selection``) from the last checkpoint rank 0 wrote instead."""
+    worker processes and this process's trainer never saw it (its ``global_step`` stays 0):
+    read them (and the history of ``selection``) from the last checkpoint rank 0 wrote instead."""
     last = Path(str(checkpoint.dirpath)) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
     spawned = type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
     if not spawned or not last.is_file():

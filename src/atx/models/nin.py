@@ -1,7 +1,8 @@
 """Network-in-Network for CIFAR, thin (0.2M) and wide (1M) (paper §3.1, §4.1, §4.1.3, Table 3).
 
 The paper gives only the parameter counts and that "a group refers to a block of a 3x3, 1x1, 1x1
-convolutions"; the exact widths are unpublished (notes §4.1), so the widths here are our choice.
+convolutions"; the exact widths are unpublished (nor in the authors' code), so the widths
+here are our choice.
 """
 
 import torch

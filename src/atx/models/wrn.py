@@ -2,7 +2,7 @@
 
 Layer groups for attention transfer are the submodules `group1`, `group2`, `group3`; their outputs
 are the residual sums (before the next BN-ReLU), exactly the `g0, g1, g2` the authors' code
-returns (paper §3.1, notes §7.2).
+returns (paper §3.1).
 """
 
 import torch
