@@ -56,7 +56,7 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float, float]:
+def mean_std_median(values: Sequence[float]) -> tuple[float, float, float]:
     """mean, sample std (0 for one value), median."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return statistics.fmean(values), std, statistics.median(values)
@@ -92,13 +92,14 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not last:
             continue
         row: dict[str, Any] = {"config": key or "(the common overrides)", "seeds": len(last)}
-        row["last_mean"], row["last_std"], row["last_median"] = _stats(last)
+        row["last_mean"], row["last_std"], row["last_median"] = mean_std_median(last)
         if best:
-            row["best_mean"], row["best_std"], row["best_median"] = _stats(best)
+            row["best_mean"], row["best_std"], row["best_median"] = mean_std_median(best)
         selected = [r["metrics"]["selected/test_error"] for r in members
                     if r["metrics"].get("selected/test_error") is not None]  # fmt: skip
         if selected:  # data.val_split: the epoch was chosen on held-out training images
-            row["selected_mean"], row["selected_std"], row["selected_median"] = _stats(selected)
+            stats = mean_std_median(selected)
+            row["selected_mean"], row["selected_std"], row["selected_median"] = stats
         agreement = sorted({k for r in members for k in r["metrics"] if "agreement/" in k})
         for k in agreement:
             values = [r["metrics"][k] for r in members if k in r["metrics"]]
@@ -183,21 +184,29 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 TRANSFER_TERMS = ("at/", "fact/", "grad_at", "symmetry", "min_l2", "kd")
 
 
-def loss_curves(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Per-epoch transfer losses of one run from its ``csv/metrics.csv``: ``{term: {epoch: v}}``
-    for every ``train/<term>_epoch`` column of a transfer term (per layer group for AT/F-ActT)."""
+def epoch_columns(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every logged column of a run's ``csv/metrics.csv`` by epoch (counted from 0):
+    ``{column: {epoch: value}}``; empty without the file."""
     path = run_dir / "csv" / "metrics.csv"
+    columns: dict[str, dict[int, float]] = {}
     if not path.is_file():
-        return {}
-    curves: dict[str, dict[int, float]] = {}
+        return columns
     with path.open(newline="") as f:
         for line in csv.DictReader(f):
             for key, value in line.items():
-                if not (key and value and key.startswith("train/") and key.endswith("_epoch")):
-                    continue
-                term = key[len("train/") : -len("_epoch")]
-                if term.startswith(TRANSFER_TERMS) and line.get("epoch"):
-                    curves.setdefault(term, {})[int(float(line["epoch"]))] = float(value)
+                if key and key != "epoch" and value and line.get("epoch"):
+                    columns.setdefault(key, {})[int(float(line["epoch"]))] = float(value)
+    return columns
+
+
+def loss_curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Per-epoch transfer losses of one run: ``{term: {epoch: v}}`` for every
+    ``train/<term>_epoch`` column of a transfer term (per layer group for AT/F-ActT)."""
+    curves = {}
+    for key, values in epoch_columns(run_dir).items():
+        term = key[len("train/") : -len("_epoch")]
+        if key.startswith("train/") and key.endswith("_epoch") and term.startswith(TRANSFER_TERMS):
+            curves[term] = values
     return curves
 
 

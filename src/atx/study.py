@@ -15,7 +15,6 @@ of each attention student beside the plain one).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import statistics
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from atx.report import epoch_columns, mean_std_median
 
 
 @dataclass
@@ -61,17 +62,12 @@ def atx_train(args: list[str], cwd: Path | None = None) -> float:
 
 
 def epoch_errors(run_dir: Path) -> dict[int, float]:
-    """``{epoch: test error}`` from a run's ``csv/metrics.csv`` (epochs counted from 1)."""
-    errors = {}
-    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
-        for line in csv.DictReader(f):
-            if line.get("val/error") and line.get("epoch"):
-                errors[int(float(line["epoch"])) + 1] = float(line["val/error"])
-    return errors
+    """``{epoch: test error}`` of a run (epochs counted from 1)."""
+    return {e + 1: v for e, v in epoch_columns(run_dir).get("val/error", {}).items()}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean_std_median(values)[:2]
 
 
 def sweep_jobs(sweep_dir: Path) -> dict[tuple[str, int], Path]:
