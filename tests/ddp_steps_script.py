@@ -1,6 +1,6 @@
 """Run by test_ddp.py: a few distillation steps (grad-AT or activation AT + KD) with a
 real Trainer, 1 process or DDP (2 CPU processes, gloo), in float64 on a fixed dataset; every rank
-saves its final student weights.
+saves its initial and final student weights.
 
     python tests/ddp_steps_script.py <out dir> <devices> <grad_at|at_kd>
 """
@@ -30,11 +30,19 @@ GLOBAL_BATCH = 8
 
 
 class SaveWeights(L.Callback):
+    """Each rank's student before the first step and after the last."""
+
     def __init__(self, out: Path) -> None:
         self.out = out
 
+    def on_train_start(self, trainer, module) -> None:
+        self._save(module, f"rank{trainer.global_rank}_initial.pt")
+
     def on_train_end(self, trainer, module) -> None:
-        torch.save(module.student.state_dict(), self.out / f"rank{trainer.global_rank}.pt")
+        self._save(module, f"rank{trainer.global_rank}.pt")
+
+    def _save(self, module: L.LightningModule, name: str) -> None:
+        torch.save(module.student.state_dict(), self.out / name)
 
 
 def objective(kind: str) -> Objective:
