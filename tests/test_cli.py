@@ -80,10 +80,12 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
 
 
 def test_config_typo_is_one_message_without_traceback(tmp_path):
+    """README, Config errors: every problem is one ``atx: error:`` line, exit code 2."""
     result = atx_train(["distill.at.bta=3", f"hydra.run.dir={tmp_path}/run"])
-    assert result.returncode != 0
-    assert "Key 'bta' not in 'ATConf'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]  # one line, no traceback
+    assert line.startswith("atx: error: ") and "Key 'bta' not in 'ATConf'" in line
+    assert "did you mean 'distill.at.beta'?" in line
 
 
 def test_user_error_is_one_line_exit_2(tmp_path):
