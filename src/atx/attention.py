@@ -30,14 +30,25 @@ multiplies by beta.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MapMode = Literal["sum", "max"]
-Reduction = Literal["code", "paper"]
+from atx.options import Choice
+
+
+class MapMode(Choice):
+    """F_sum^p or F_max^p over channels (Eq. 1)."""
+
+    sum = "sum"
+    max = "max"
+
+
+class Reduction(Choice):
+    """Eq. 2 as the authors' code computes it, or as the paper prints it (see above)."""
+
+    code = "code"
+    paper = "paper"
 
 
 def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tensor:
@@ -66,7 +77,7 @@ def spatial_map(features: Tensor, p: float = 2.0, mode: MapMode = "sum") -> Tens
             a = a.abs().clamp_min(torch.finfo(a.dtype).tiny).pow(p)
         else:
             a = a.abs() if p == 1 else a.abs().pow(p)
-        return a.sum(dim=1) if mode == "sum" else a.amax(dim=1)
+        return a.sum(dim=1) if MapMode(mode) is MapMode.sum else a.amax(dim=1)
 
 
 def normalise(maps: Tensor) -> Tensor:
@@ -106,11 +117,9 @@ def at_loss(
         s = F.interpolate(s.unsqueeze(1), size=t.shape[-2:], mode="bilinear", align_corners=False)
         s = s.squeeze(1)
     diff = normalise(s) - normalise(t)
-    if reduction == "code":
+    if Reduction(reduction) is Reduction.code:
         return diff.pow(2).mean()
-    if reduction == "paper":
-        return 0.5 * diff.norm(p=2, dim=1).mean()
-    raise ValueError(f"unknown AT reduction {reduction!r}; use 'code' or 'paper'")
+    return 0.5 * diff.norm(p=2, dim=1).mean()
 
 
 def attention_agreement(

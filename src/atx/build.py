@@ -1,69 +1,35 @@
-"""Turn a composed config into objects, checking every value a user can get wrong on the way.
+"""The one builder: a composed (and checked, ``atx.checks``) config becomes a ready
+:class:`Run` (DataModule, DistillModule, trainer arguments) with :func:`build_run`; ``atx-train``,
+``scripts/bench.py`` and the tests all build through it.
 
-All checks happen before any data is read or any step is run, and each failure is one
-``AtxError`` line naming the config key and the fix.
+What can only be checked against the objects (layer names and shapes, the teacher file's class
+and channel counts) is checked here, before any image is decoded or the teacher's weights are
+loaded; each failure is one ``AtxError`` line naming the config key and the fix.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import math
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from atx.checkpoints import load_state, load_state_dict
+from atx.cluster import sync_batchnorm
 from atx.errors import AtxError
 from atx.features import LayerTaps
-from atx.losses import (
-    AttentionTransfer,
-    CrossEntropy,
-    FullActivationTransfer,
-    GradientAT,
-    KnowledgeDistillation,
-    MinL2,
-    Objective,
-    Schedule,
-    SymmetryNorm,
-    Term,
-)
+from atx.losses import TERMS, Objective, Schedule, Term, TermSetup
 from atx.models import build_model, layer_group_presets
-from atx.module import freeze
-from atx.optim import RECIPES
-
-
-def accepted_kwargs(cls: type) -> set[str] | None:
-    """Keyword names ``cls(...)`` accepts (following ``**kwargs`` up the MRO); None = any."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
-        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return names - {"self"}
-    return None
-
-
-def check_keys(keys: Iterable[str], allowed: set[str] | None, where: str) -> None:
-    """One-line error for the first key not in ``allowed``, with close matches."""
-    if allowed is None:
-        return
-    for key in keys:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{where}.{close[0]}'?)" if close else ""
-            raise AtxError(
-                f"unknown option '{where}.{key}'{hint}; valid options: {', '.join(sorted(allowed))}"
-            )
+from atx.module import Agreement, DistillModule, freeze
+from atx.numerics import NanGuard
+from atx.options import check_call
+from atx.terms import CrossEntropy
 
 
 def instantiate_checked(node: DictConfig, where: str, **extra: Any) -> Any:
@@ -77,7 +43,7 @@ def instantiate_checked(node: DictConfig, where: str, **extra: Any) -> Any:
     kwargs = {
         k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"
     }
-    check_keys(kwargs, accepted_kwargs(cls), where)
+    check_call(cls, kwargs, where, given=extra)
     return cls(**{**kwargs, **extra})
 
 
@@ -101,10 +67,7 @@ def build_network(node: DictConfig, where: str, num_classes: int, in_channels: i
     if "name" not in spec:
         raise AtxError(f"{where}.name is not set: name a model, e.g. {where}.name=wrn")
     name = spec.pop("name")
-    try:
-        return build_model(name, num_classes=num_classes, in_channels=in_channels, **spec)
-    except AtxError as e:
-        raise AtxError(f"{where}: {e}") from None
+    return build_model(name, num_classes, in_channels, where=where, **spec)
 
 
 def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
@@ -161,35 +124,23 @@ def resolve_layers(spec: Any, model_name: str, key: str) -> list[str]:
     return [str(s) for s in spec]
 
 
-@dataclass
-class LayerPlan:
-    """The (student layer, teacher layer) pairs each transfer term reads."""
-
-    at: list[tuple[str, str]]
-    fact: list[tuple[str, str]]
-
-    @property
-    def student_layers(self) -> list[str]:
-        return list(dict.fromkeys(s for s, _ in self.at + self.fact))
-
-    @property
-    def teacher_layers(self) -> list[str]:
-        return list(dict.fromkeys(t for _, t in self.at + self.fact))
+def active_terms(d: DictConfig) -> dict[str, Any]:
+    """The options of every loss term switched on (non-zero weight), by name."""
+    terms = {name: term for name, term in TERMS.items() if term.Conf is not None}
+    return {name: d[name] for name, term in terms.items() if term.weight_of(d[name]) != 0}
 
 
-def plan_layers(cfg: DictConfig) -> LayerPlan:
-    """Pair student and teacher layers for every active transfer term."""
-    plans = {}
-    for term in ("at", "fact"):
-        node = cfg.distill[term]
-        if node.beta == 0:
-            plans[term] = []
+def plan_layers(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
+    """The (student layer, teacher layer) pairs of every active term that reads layers."""
+    plan = {}
+    for name, conf in active_terms(cfg.distill).items():
+        if not TERMS[name].reads_layers:
             continue
         if cfg.teacher is None:
             build_teacher(cfg, 0, 0)  # raises the "needs a teacher" error
-        key = f"distill.{term}"
-        student = resolve_layers(node.student_layers, cfg.model.name, f"{key}.student_layers")
-        teacher_spec = node.student_layers if node.teacher_layers is None else node.teacher_layers
+        key = f"distill.{name}"
+        student = resolve_layers(conf.student_layers, cfg.model.name, f"{key}.student_layers")
+        teacher_spec = conf.student_layers if conf.teacher_layers is None else conf.teacher_layers
         teacher = resolve_layers(teacher_spec, cfg.teacher.name, f"{key}.teacher_layers")
         if len(student) != len(teacher):
             raise AtxError(
@@ -198,8 +149,8 @@ def plan_layers(cfg: DictConfig) -> LayerPlan:
             )
         if not student:
             raise AtxError(f"{key}.student_layers is empty: name at least one layer group")
-        plans[term] = list(zip(student, teacher, strict=True))
-    return LayerPlan(plans["at"], plans["fact"])
+        plan[name] = list(zip(student, teacher, strict=True))
+    return plan
 
 
 def probe_shapes(
@@ -222,159 +173,46 @@ def probe_shapes(
     return {name: f.shape for name, f in feats.items()}
 
 
-def check_pair_shapes(
-    plan: LayerPlan,
-    student_shapes: Mapping[str, torch.Size],
-    teacher_shapes: Mapping[str, torch.Size],
-    interpolate: bool,
-) -> list[tuple[int, int]]:
-    """Spatial sizes must match (unless AT maps are interpolated); returns F-ActT channels."""
-    for term, pairs in (("at", plan.at), ("fact", plan.fact)):
-        for s, t in pairs:
-            ss, ts = student_shapes[s], teacher_shapes[t]
-            if ss[-2:] != ts[-2:] and not (term == "at" and interpolate):
-                fix = "set distill.at.interpolate=true or " if term == "at" else ""
+Shapes = dict[str, list[tuple[torch.Size, torch.Size]]]
+
+
+def pair_shapes(
+    cfg: DictConfig,
+    plan: Mapping[str, list[tuple[str, str]]],
+    student: nn.Module,
+    teacher: nn.Module | None,
+    input_shape: tuple[int, ...],
+) -> Shapes:
+    """(student, teacher) feature shapes of every planned pair; spatial sizes must match
+    unless the term resizes (its ``resize_option``, e.g. ``distill.at.interpolate``)."""
+    pairs = [p for ps in plan.values() for p in ps]
+    if not pairs:
+        return {}
+    s_layers, t_layers = (list(dict.fromkeys(side)) for side in zip(*pairs, strict=True))
+    s_shapes = probe_shapes(student, s_layers, input_shape, "student")
+    t_shapes = probe_shapes(teacher, t_layers, input_shape, "teacher")
+    shapes = {}
+    for name, term_pairs in plan.items():
+        option = TERMS[name].resize_option
+        resizes = option is not None and bool(cfg.distill[name][option])
+        for s, t in term_pairs:
+            ss, ts = s_shapes[s], t_shapes[t]
+            if ss[-2:] != ts[-2:] and not resizes:
+                fix = f"set distill.{name}.{option}=true or " if option else ""
                 raise AtxError(
-                    f"distill.{term}: student layer '{s}' is {ss[-2]}x{ss[-1]} but teacher layer"
+                    f"distill.{name}: student layer '{s}' is {ss[-2]}x{ss[-1]} but teacher layer"
                     f" '{t}' is {ts[-2]}x{ts[-1]}; {fix}pair layers of equal resolution"
                 )
-    return [(student_shapes[s][1], teacher_shapes[t][1]) for s, t in plan.fact]
-
-
-def check_milestones(milestones: Any, key: str) -> None:
-    """Epoch milestones: strictly increasing integers >= 0."""
-    ms = list(milestones)
-    if any(m < 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
-        raise AtxError(f"{key}={ms} must be strictly increasing epochs >= 0, e.g. [60,120,160]")
-
-
-def check_schedule(node: DictConfig, key: str) -> None:
-    if node.kind not in ("constant", "step", "linear"):
-        raise AtxError(
-            f"{key}.schedule.kind='{node.kind}' is unknown; use constant, step or linear"
-        )
-    check_milestones(node.milestones, f"{key}.schedule.milestones")
-    for name in ("gamma", "final"):
-        check_number(node[name], f"{key}.schedule.{name}", low=0.0)
-
-
-def check_number(value: float, key: str, low: float, strict: bool = False, hint: str = "") -> None:
-    """``value`` must be finite and ``>= low`` (``> low`` when ``strict``)."""
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        op = ">" if strict else ">="
-        raise AtxError(f"{key}={value} must be a finite number {op} {low:g}{hint}")
-
-
-def build_schedule(value: float, node: DictConfig, key: str, max_epochs: int) -> Schedule:
-    check_schedule(node, key)
-    return Schedule(value, node.kind, list(node.milestones), node.gamma, node.final, max_epochs)
-
-
-def check_distill(d: DictConfig) -> None:
-    """Value checks of the distill group (keys are already checked by the schema)."""
-    if not 0 <= d.kd.alpha <= 1:
-        raise AtxError(f"distill.kd.alpha={d.kd.alpha} must lie in [0, 1] (0 turns KD off)")
-    check_number(d.kd.temperature, "distill.kd.temperature", 0.0, strict=True)
-    if d.kd.scale not in ("batchmean", "jan2017"):
-        raise AtxError(f"distill.kd.scale='{d.kd.scale}' is unknown; use batchmean or jan2017")
-    for term in ("at", "fact", "grad_at", "symmetry", "min_l2"):
-        check_number(d[term].beta, f"distill.{term}.beta", 0.0, hint=" (0 turns it off)")
-        check_schedule(d[term].schedule, f"distill.{term}")
-    check_number(d.at.p, "distill.at.p", 0.0, strict=True)
-    if d.at.mode not in ("sum", "max"):
-        raise AtxError(f"distill.at.mode='{d.at.mode}' is unknown; use sum or max")
-    if d.at.reduction not in ("code", "paper"):
-        raise AtxError(f"distill.at.reduction='{d.at.reduction}' is unknown; use code or paper")
-
-
-def check_optim(o: DictConfig) -> None:
-    """SGD settings torch would only reject at the first step (or never)."""
-    check_number(o.lr, "optim.lr", 0.0, strict=True)
-    check_number(o.momentum, "optim.momentum", 0.0)
-    check_number(o.weight_decay, "optim.weight_decay", 0.0)
-    check_number(o.gamma, "optim.gamma", 0.0, strict=True)
-    check_milestones(o.milestones, "optim.milestones")
-    if o.nesterov and o.momentum == 0:
-        raise AtxError("optim.nesterov=true needs optim.momentum > 0")
-    if o.recipe not in RECIPES:
-        raise AtxError(f"optim.recipe='{o.recipe}' is unknown; use authors or standard")
-
-
-def check_run_options(cfg: DictConfig) -> None:
-    """Top-level options: figures and the policy for non-finite losses (``atx.numerics``)."""
-    for key in ("figure_images", "figure_every_n_epochs"):
-        if cfg[key] < 0:
-            raise AtxError(f"{key}={cfg[key]} must be >= 0 (0 turns it off)")
-    if cfg.nan_policy not in ("stop", "skip"):
-        raise AtxError(f"nan_policy='{cfg.nan_policy}' is unknown; use stop or skip")
-    if cfg.nan_skip_limit < 1:
-        raise AtxError(f"nan_skip_limit={cfg.nan_skip_limit} must be >= 1")
-    devices = device_count(cfg.trainer.get("devices", "auto"))
-    if cfg.nan_policy == "skip" and ((devices or 1) > 1 or cfg.trainer.get("num_nodes", 1) > 1):
-        raise AtxError(
-            "nan_policy=skip works on one device only (Lightning cannot skip a step under DDP):"
-            " use nan_policy=stop or trainer.devices=1"
-        )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def device_count(devices: Any) -> int | None:
-    """How many devices ``trainer.devices`` asks for (None: 'auto' or -1, i.e. all there are)."""
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if _is_int(devices):
-        return None if devices == -1 else devices
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        return len(devices)
-    if isinstance(devices, str) and "," in devices:  # "0,1": device ids
-        return len([d for d in devices.split(",") if d.strip()])
-    if devices == "auto":
-        return None
-    raise AtxError(f"trainer.devices={devices!r} is not a count, a list of ids or auto")
-
-
-def check_trainer(t: DictConfig) -> None:
-    """Values of the Trainer group Lightning would reject late (or never): epochs, and more
-    devices than this machine has (CPU: processes beyond its cores)."""
-    for key in ("max_epochs", "max_steps", "num_nodes", "log_every_n_steps"):
-        if t.get(key) is not None and not _is_int(t[key]):
-            raise AtxError(f"trainer.{key}={t[key]!r} must be an integer")
-    epochs, steps = t.get("max_epochs"), t.get("max_steps", -1)
-    if epochs is not None and epochs < 1 and not (epochs == -1 and steps > 0):
-        raise AtxError(f"trainer.max_epochs={epochs} must be >= 1 (or -1 with trainer.max_steps>0)")
-    wanted = device_count(t.get("devices", "auto"))
-    accelerator = str(t.get("accelerator", "auto")).lower()
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("gpu", "cuda"):
-        have = torch.cuda.device_count()
-        if have == 0:
-            raise AtxError(
-                f"trainer.accelerator={t.accelerator} but this machine has no CUDA GPU: use"
-                " trainer=cpu (or trainer.accelerator=cpu)"
-            )
-        if wanted is not None and wanted > have:
-            raise AtxError(
-                f"trainer.devices={t.devices} asks for {wanted} GPUs but this machine has {have}:"
-                f" set trainer.devices<={have}"
-            )
-    elif accelerator == "cpu" and wanted is not None:
-        cores = os.cpu_count() or 1  # the node's cores (a Slurm rank may be bound to fewer)
-        if wanted > cores:
-            raise AtxError(
-                f"trainer.devices={t.devices} asks for {wanted} CPU processes but this machine"
-                f" has {cores} cores: set trainer.devices<={cores}"
-            )
+        shapes[name] = [(s_shapes[s], t_shapes[t]) for s, t in term_pairs]
+    return shapes
 
 
 def teacher_given(cfg: DictConfig) -> bool:
     """A teacher preset with its checkpoint set (used for attention agreement even when no
     term needs it)."""
-    return (cfg.teacher is not None and not OmegaConf.is_missing(cfg.teacher, "checkpoint")
-            and bool(cfg.teacher.get("checkpoint")))  # fmt: skip
+    if cfg.teacher is None or OmegaConf.is_missing(cfg.teacher, "checkpoint"):
+        return False
+    return bool(cfg.teacher.get("checkpoint"))
 
 
 def preset_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
@@ -388,44 +226,78 @@ def preset_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
     return list(zip(s, t, strict=True)) if len(s) == len(t) else []
 
 
-def needs_teacher(d: DictConfig, plan: LayerPlan) -> bool:
-    """KD, AT, F-ActT and grad-AT learn from a teacher; symmetry and min-l2 do not."""
-    return d.kd.alpha > 0 or bool(plan.at or plan.fact) or d.grad_at.beta > 0
+def needs_teacher(d: DictConfig) -> bool:
+    """Whether any active term learns from a teacher (KD, AT, F-ActT, grad-AT do)."""
+    return any(TERMS[name].needs_teacher for name in active_terms(d))
 
 
 def build_objective(
-    d: DictConfig, plan: LayerPlan, fact_channels: list[tuple[int, int]], max_epochs: int
+    d: DictConfig,
+    plan: Mapping[str, list[tuple[str, str]]],
+    shapes: Shapes,
+    max_epochs: int,
 ) -> Objective:
-    """CE, then a term for each of KD, AT, grad-AT, symmetry, min-l2 and F-ActT switched on
-    (non-zero weight)."""
-    alpha = d.kd.alpha
-    terms: list[Term] = [CrossEntropy(Schedule(1.0 - alpha))]
-    if alpha > 0:
-        terms.append(KnowledgeDistillation(Schedule(alpha), d.kd.temperature, d.kd.scale))
-    if plan.at:
-        terms.append(
-            AttentionTransfer(
-                build_schedule(d.at.beta, d.at.schedule, "distill.at", max_epochs),
-                plan.at,
-                d.at.p,
-                d.at.mode,
-                d.at.reduction,
-                d.at.interpolate,
-            )
-        )
-    if d.grad_at.beta > 0:
-        schedule = build_schedule(d.grad_at.beta, d.grad_at.schedule, "distill.grad_at", max_epochs)
-        terms.append(GradientAT(schedule, d.grad_at.normalize, d.grad_at.reduce_channels))
-    for key, term in (("symmetry", SymmetryNorm), ("min_l2", MinL2)):
-        if d[key].beta > 0:
-            terms.append(term(build_schedule(d[key].beta, d[key].schedule, f"distill.{key}",
-                                             max_epochs)))  # fmt: skip
-    if plan.fact:
-        terms.append(
-            FullActivationTransfer(
-                build_schedule(d.fact.beta, d.fact.schedule, "distill.fact", max_epochs),
-                plan.fact,
-                fact_channels,
-            )
-        )
+    """CE, then every active term in registration order; CE's weight is 1 minus the weights
+    of the terms that share it (KD's alpha)."""
+    active = active_terms(d)
+    shared = sum(TERMS[n].weight_of(c) for n, c in active.items() if TERMS[n].shares_ce_weight)
+    terms: list[Term] = [CrossEntropy(Schedule(1.0 - shared))]
+    for name, conf in active.items():
+        setup = TermSetup(max_epochs, plan.get(name, []), list(shapes.get(name, [])))
+        terms.append(TERMS[name].from_config(conf, setup))
     return Objective(terms)
+
+
+@dataclass
+class Run:
+    """Everything a fit needs, built from one composed config."""
+
+    data: Any
+    module: DistillModule
+    trainer_kwargs: dict[str, Any]
+    pairs: list[tuple[str, str]]  # layers of the figures and agreement metrics
+
+    @property
+    def student(self) -> nn.Module:
+        return self.module.student
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.module.teacher
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Data, student, teacher (checked, then loaded), objective and module of ``cfg``; the
+    seed is set before the models are built and again after (the data order and augmentation
+    of a run do not depend on whether a teacher or adapters were built)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build_data(cfg)
+    student = build_network(cfg.model, "model", data.num_classes, data.in_channels)
+    plan = plan_layers(cfg)
+    teacher = None
+    if needs_teacher(cfg.distill) or teacher_given(cfg):
+        # a given teacher is loaded even for a plain/KD student: attention agreement is logged
+        teacher = build_teacher(cfg, data.num_classes, data.in_channels)
+    first = next(iter(plan.values()), None)
+    pairs = (first or preset_pairs(cfg)) if teacher is not None else []
+    shape = (data.in_channels, data.image_size, data.image_size)
+    shapes = pair_shapes(cfg, plan, student, teacher, shape)
+    if teacher is not None:  # its weights, once every layer name and shape is checked
+        load_teacher(cfg, teacher, data)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.pop("sync_batchnorm", False):  # the student's BN only, never the teacher's
+        student = sync_batchnorm(student)
+    objective = build_objective(cfg.distill, plan, shapes, trainer_kwargs.get("max_epochs") or 1)
+    module = DistillModule(
+        student,
+        objective,
+        data.num_classes,
+        OmegaConf.to_object(cfg.optim),
+        teacher,
+        speed=OmegaConf.to_object(cfg.speed),
+        finetune=OmegaConf.to_object(cfg.finetune),
+        agreement=Agreement(pairs, cfg.distill.at.p, cfg.distill.at.mode),
+        nan_guard=NanGuard(cfg.nan_policy, cfg.nan_skip_limit),
+    )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return Run(data, module, trainer_kwargs, list(pairs))

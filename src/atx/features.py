@@ -7,7 +7,6 @@ model can be a teacher or student without code changes.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from functools import partial
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from atx.errors import AtxError
+from atx.options import did_you_mean
 
 
 def check_layer_names(model: nn.Module, names: Sequence[str], who: str) -> None:
@@ -22,8 +22,7 @@ def check_layer_names(model: nn.Module, names: Sequence[str], who: str) -> None:
     known = dict(model.named_modules())
     for name in names:
         if name not in known or name == "":
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = did_you_mean(name, known, n=3)
             top = [n for n in known if n and "." not in n]
             raise AtxError(
                 f"{who} has no layer named '{name}'{hint}; its top-level layers are:"

@@ -1,38 +1,43 @@
-"""Loss terms of distillation and the Objective that sums them (torch only).
-
-* Cross-entropy on the true labels, ``L(W_S, x)`` of Eq. 2.
-* Knowledge distillation (Hinton et al., 2015), paper Section 3.1 / 4.1:
-  ``(1 - alpha) * CE + alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
-* Activation-based attention transfer, Eq. 2 (``atx.attention``).
-* Full-activation transfer F-ActT, Section 4.1.2: l2 on l2-normalised full activations, with a
-  learned 1x1 convolution where student and teacher channel counts differ.
-* Gradient-based attention, Section 3.2 (``atx.gradient_attention``): grad-AT (Eq. 4), the
-  symmetry norm (Eq. 6) and min-l2; these need input gradients, which the module computes.
+"""The loss equations of KD and F-ActT, loss-weight schedules, and the Term / Objective frame
+(torch only). The terms themselves, each declared once, are in ``atx.terms``.
 
 Each term returns its *unweighted* losses by name; the Objective multiplies them by their
 weight at the current epoch (a Schedule: beta may decay, as the paper does for AT+KD) and sums.
 Every loss is a mean over the local batch, so under data parallelism (gradients averaged over
 ranks) beta means the same on 1 or N devices.
+
+A term is a :class:`Term` subclass registered with :func:`register_term`: its name is the key
+of its options under ``distill`` (``Conf``, a dataclass) and of its logged losses; what it needs
+(a teacher, layer pairs, input gradients) is declared on the class, so the builder, the config
+schema and the module ask the term instead of keeping lists of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atx.attention import MapMode, Reduction, at_loss
-from atx.gradient_attention import grad_at_loss, min_l2_loss, symmetry_loss
-
-KDScale = Literal["batchmean", "jan2017"]
+from atx.options import Choice, check_milestones, check_number
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
-            scale: KDScale = "batchmean") -> Tensor:  # fmt: skip
+class KDScale(Choice):
+    """``batchmean``: the authors' code since 2018; ``jan2017``: their code of the paper."""
+
+    batchmean = "batchmean"
+    jan2017 = "jan2017"
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    scale: KDScale | str = "batchmean",
+) -> Tensor:
     """Hinton's KD term ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, summed over classes,
     averaged over the batch; the T^2 keeps gradient magnitudes independent of T.
 
@@ -45,11 +50,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
-    if scale == "batchmean":
-        return kl
-    if scale == "jan2017":
+    if KDScale(scale) is KDScale.jan2017:
         return kl * (2.0 / student_logits.shape[1])
-    raise ValueError(f"unknown KD scale {scale!r}; use 'batchmean' or 'jan2017'")
+    return kl
 
 
 def fact_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -70,6 +73,28 @@ def fact_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     return (s - t).pow(2).sum(dim=1).mean() / (h * w)
 
 
+class ScheduleKind(Choice):
+    constant = "constant"
+    step = "step"
+    linear = "linear"
+
+
+@dataclass
+class ScheduleConf:
+    """How a loss weight changes over epochs (:class:`Schedule`)."""
+
+    kind: ScheduleKind = ScheduleKind.constant
+    milestones: list[int] = field(default_factory=list)  # step: multiply by gamma at each
+    gamma: float = 0.1
+    final: float = 0.0  # linear: weight reached at the last epoch
+
+
+def check_schedule(conf: ScheduleConf, key: str) -> None:
+    check_milestones(conf.milestones, f"{key}.schedule.milestones")
+    for name in ("gamma", "final"):
+        check_number(getattr(conf, name), f"{key}.schedule.{name}", low=0.0)
+
+
 @dataclass
 class Schedule:
     """A loss weight as a function of the epoch.
@@ -79,21 +104,24 @@ class Schedule:
     """
 
     value: float
-    kind: Literal["constant", "step", "linear"] = "constant"
+    kind: ScheduleKind | str = "constant"
     milestones: Sequence[int] = ()
     gamma: float = 0.1
     final: float = 0.0
     end_epoch: int = 1
 
+    @classmethod
+    def from_conf(cls, value: float, conf: ScheduleConf, end_epoch: int) -> Schedule:
+        return cls(value, conf.kind, list(conf.milestones), conf.gamma, conf.final, end_epoch)
+
     def __call__(self, epoch: int) -> float:
-        if self.kind == "constant":
-            return self.value
-        if self.kind == "step":
+        kind = ScheduleKind(self.kind)
+        if kind is ScheduleKind.step:
             return self.value * self.gamma ** sum(epoch >= m for m in self.milestones)
-        if self.kind == "linear":
+        if kind is ScheduleKind.linear:
             frac = min(max(epoch / max(self.end_epoch, 1), 0.0), 1.0)
             return self.value + (self.final - self.value) * frac
-        raise ValueError(f"unknown schedule kind {self.kind!r}; use constant, step or linear")
+        return self.value
 
 
 @dataclass
@@ -110,52 +138,71 @@ class StepOutputs:
     flipped_input_grad: Tensor | None = None  # J_s at flip(x), with graph (Eq. 6)
 
 
-class Term(nn.Module):
-    """One weighted term of the Objective; ``losses`` returns unweighted values by name."""
+@dataclass
+class TermSetup:
+    """What building a term may need beyond its own options."""
 
-    name: str = "term"
-    needs_teacher: bool = False
-    needs_input_grad: bool = False  # the student's input gradient J (double backprop)
-    needs_teacher_input_grad: bool = False
-    needs_flipped_input_grad: bool = False
+    max_epochs: int = 1  # the end of a linear schedule
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # layer-pair terms
+    shapes: list[tuple[torch.Size, torch.Size]] = field(default_factory=list)  # per pair
+
+
+class Term(nn.Module):
+    """One weighted term of the Objective; ``losses`` returns unweighted values by name.
+
+    A subclass declares: ``name`` (config key ``distill.<name>`` and log key), ``Conf`` (its
+    options; None: not configurable), what it reads (``needs_*``, ``reads_layers``), and may
+    override ``weight_of`` / ``check`` / ``from_config`` for options beyond beta + schedule.
+    """
+
+    name: ClassVar[str] = "term"
+    Conf: ClassVar[type | None] = None
+    needs_teacher: ClassVar[bool] = False
+    needs_input_grad: ClassVar[bool] = False  # the student's input gradient J (double backprop)
+    needs_teacher_input_grad: ClassVar[bool] = False
+    needs_flipped_input_grad: ClassVar[bool] = False
+    reads_layers: ClassVar[bool] = False  # one loss per (student, teacher) layer pair
+    resize_option: ClassVar[str | None] = None  # the bool option letting pairs differ in size
+    shares_ce_weight: ClassVar[bool] = False  # its weight w turns CE's into 1 - w (KD)
 
     def __init__(self, weight: Schedule) -> None:
         super().__init__()
         self.weight = weight
 
+    @classmethod
+    def weight_of(cls, conf: Any) -> float:
+        """The weight at epoch 0; 0 turns the term off."""
+        return conf.beta
+
+    @classmethod
+    def check(cls, conf: Any, key: str) -> None:
+        """Value checks of the options (their types and choices are the schema's)."""
+        check_number(conf.beta, f"{key}.beta", 0.0, hint=" (0 turns it off)")
+        check_schedule(conf.schedule, key)
+
+    @classmethod
+    def from_config(cls, conf: Any, setup: TermSetup) -> Term:
+        return cls(Schedule.from_conf(conf.beta, conf.schedule, setup.max_epochs))
+
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
-class CrossEntropy(Term):
-    """Cross-entropy with the true labels, ``L(W_S, x)``."""
-
-    name = "ce"
-
-    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: F.cross_entropy(out.logits.float(), out.targets)}
+TERMS: dict[str, type[Term]] = {}
 
 
-class KnowledgeDistillation(Term):
-    """Hinton KD; its weight is alpha, and the CE term gets 1 - alpha."""
-
-    name = "kd"
-    needs_teacher = True
-
-    def __init__(self, weight: Schedule, temperature: float = 4.0,
-                 scale: KDScale = "batchmean") -> None:  # fmt: skip
-        super().__init__(weight)
-        self.temperature, self.scale = temperature, scale
-
-    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: kd_loss(out.logits, out.teacher_logits, self.temperature, self.scale)}
+def register_term(cls: type[Term]) -> type[Term]:
+    """Class decorator: ``cls`` becomes ``distill.<cls.name>`` (after ``atx.config.register``)."""
+    TERMS[cls.name] = cls
+    return cls
 
 
 class LayerPairTerm(Term):
     """A term with one loss per (student layer, teacher layer) pair, logged as
-    ``<name>/<student layer>``."""
+    ``<name>/<student layer>``; its options hold ``student_layers`` and ``teacher_layers``."""
 
     needs_teacher = True
+    reads_layers = True
 
     def __init__(self, weight: Schedule, pairs: Sequence[tuple[str, str]]) -> None:
         super().__init__(weight)
@@ -171,92 +218,6 @@ class LayerPairTerm(Term):
         }
 
 
-class AttentionTransfer(LayerPairTerm):
-    """Activation-based AT (Eq. 2): one loss per layer pair, weight beta."""
-
-    name = "at"
-
-    def __init__(
-        self,
-        weight: Schedule,
-        pairs: Sequence[tuple[str, str]],
-        p: float = 2.0,
-        mode: MapMode = "sum",
-        reduction: Reduction = "code",
-        interpolate: bool = False,
-    ) -> None:
-        super().__init__(weight, pairs)
-        self.p, self.mode, self.reduction, self.interpolate = p, mode, reduction, interpolate
-
-    def pair_loss(self, index: int, student: Tensor, teacher: Tensor) -> Tensor:
-        return at_loss(student, teacher, self.p, self.mode, self.reduction, self.interpolate)
-
-
-class FullActivationTransfer(LayerPairTerm):
-    """F-ActT (Section 4.1.2): FitNets-style l2 on normalised activations, one per layer pair.
-
-    ``channels`` lists (student C, teacher C) per pair; a learned 1x1 conv maps the student
-    to the teacher's width where they differ (identity where equal: "for networks of the same
-    width ... regress directly"). The adapters are trained with the student.
-    """
-
-    name = "fact"
-
-    def __init__(
-        self,
-        weight: Schedule,
-        pairs: Sequence[tuple[str, str]],
-        channels: Sequence[tuple[int, int]],
-    ) -> None:
-        super().__init__(weight, pairs)
-        self.adapters = nn.ModuleList(
-            nn.Identity() if cs == ct else nn.Conv2d(cs, ct, kernel_size=1, bias=False)
-            for cs, ct in channels
-        )
-
-    def pair_loss(self, index: int, student: Tensor, teacher: Tensor) -> Tensor:
-        return fact_loss(self.adapters[index](student), teacher)
-
-
-class GradientAT(Term):
-    """Gradient-based AT (Eq. 4/5): ``beta/2 ||J_s - J_t||^2``, trained by double backprop."""
-
-    name = "grad_at"
-    needs_teacher = True
-    needs_input_grad = True
-    needs_teacher_input_grad = True
-
-    def __init__(self, weight: Schedule, normalize: bool = False,
-                 reduce_channels: bool = False) -> None:  # fmt: skip
-        super().__init__(weight)
-        self.normalize, self.reduce_channels = normalize, reduce_channels
-
-    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: grad_at_loss(out.input_grad, out.teacher_input_grad, self.normalize,
-                                        self.reduce_channels)}  # fmt: skip
-
-
-class SymmetryNorm(Term):
-    """Flip invariance of the gradient attention (Eq. 6), no teacher."""
-
-    name = "symmetry"
-    needs_input_grad = True
-    needs_flipped_input_grad = True
-
-    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: symmetry_loss(out.input_grad, out.flipped_input_grad)}
-
-
-class MinL2(Term):
-    """Double backpropagation (Drucker & LeCun): ``beta/2 ||J||^2``, no teacher."""
-
-    name = "min_l2"
-    needs_input_grad = True
-
-    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: min_l2_loss(out.input_grad)}
-
-
 class Objective(nn.Module):
     """The training loss: ``sum_t weight_t(epoch) * sum(term_t losses)``.
 
@@ -268,21 +229,30 @@ class Objective(nn.Module):
         super().__init__()
         self.terms = nn.ModuleList(terms)
 
+    def _any(self, need: str) -> bool:
+        return any(getattr(t, need) for t in self.terms)
+
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for t in self.terms)
+        return self._any("needs_teacher")
 
     @property
     def needs_input_grad(self) -> bool:
-        return any(t.needs_input_grad for t in self.terms)
+        return self._any("needs_input_grad")
 
     @property
     def needs_teacher_input_grad(self) -> bool:
-        return any(t.needs_teacher_input_grad for t in self.terms)
+        return self._any("needs_teacher_input_grad")
 
     @property
     def needs_flipped_input_grad(self) -> bool:
-        return any(t.needs_flipped_input_grad for t in self.terms)
+        return self._any("needs_flipped_input_grad")
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (student, teacher) layer pair a term reads, first use first."""
+        pairs = (p for t in self.terms if isinstance(t, LayerPairTerm) for p in t.pairs)
+        return list(dict.fromkeys(pairs))
 
     def weights(self, epoch: int) -> dict[str, float]:
         return {t.name: t.weight(epoch) for t in self.terms}

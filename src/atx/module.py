@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -12,16 +13,33 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from atx.attention import attention_agreement
-from atx.config import OptimConf, SpeedConf
+from atx.attention import MapMode, attention_agreement
 from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
 from atx.numerics import NanGuard
-from atx.optim import sgd_step_decay
-from atx.speed import prepare_models, teacher_forward, to_layout
+from atx.optim import OptimConf, sgd_step_decay
+from atx.speed import SpeedConf, prepare_models, teacher_forward, to_layout
 
 HELDOUT = "heldout"  # metric prefix of the held-out training images (data.val_split)
+
+
+@dataclass
+class FinetuneConf:
+    """Fine-tuning a pretrained student (paper Section 4.2.1): BN fixed, early layers frozen."""
+
+    freeze_bn: bool = False  # every BN layer of the student in eval mode, its affine params fixed
+    frozen_layers: list[str] = field(default_factory=list)  # module names, e.g. [conv1, layer1]
+
+
+@dataclass
+class Agreement:
+    """(student, teacher) layer pairs whose attention agreement is measured on the test split,
+    with the map function F^p_mode it uses."""
+
+    pairs: Sequence[tuple[str, str]] = ()
+    p: float = 2.0
+    mode: MapMode | str = "sum"
 
 
 @contextmanager
@@ -80,41 +98,37 @@ class DistillModule(L.LightningModule):
         num_classes: int,
         optim: OptimConf | None = None,
         teacher: nn.Module | None = None,
-        student_layers: Sequence[str] = (),
-        teacher_layers: Sequence[str] = (),
-        frozen_layers: Sequence[str] = (),
-        freeze_bn: bool = False,
-        agreement_pairs: Sequence[tuple[str, str]] = (),
-        agreement_map: tuple[float, str] = (2.0, "sum"),
+        *,
         speed: SpeedConf | None = None,
+        finetune: FinetuneConf | None = None,
+        agreement: Agreement | None = None,
         nan_guard: NanGuard | None = None,
     ) -> None:
-        """``student_layers`` / ``teacher_layers``: every module name any term reads.
-        ``frozen_layers`` (student module names) and ``freeze_bn``: fine-tuning (Section
-        4.2.1): those modules stay in eval mode and their parameters are not trained.
-        ``agreement_pairs``: (student, teacher) layers whose attention agreement with the
-        teacher is measured on the validation set (``agreement_map``: p and mode of F).
-        ``speed``: layout, compilation and teacher precision (``atx.speed``)."""
+        """The layers tapped are those the objective's terms pair, plus ``agreement.pairs``.
+        ``finetune``: frozen student modules and BN (Section 4.2.1): kept in eval mode, not
+        trained. ``speed``: layout, compilation and teacher precision (``atx.speed``)."""
         super().__init__()
         if objective.needs_teacher and teacher is None:
             raise ValueError("the objective has terms that learn from a teacher: pass teacher=")
         self.student = student
-        check_layer_names(student, frozen_layers, "student")
+        finetune = finetune or FinetuneConf()
+        check_layer_names(student, finetune.frozen_layers, "student")
         modules = dict(student.named_modules())
-        self.fixed_modules = [modules[n] for n in frozen_layers]
-        if freeze_bn:
-            self.fixed_modules += [m for m in student.modules()
-                                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+        self.fixed_modules = [modules[n] for n in finetune.frozen_layers]
+        if finetune.freeze_bn:
+            bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            self.fixed_modules += bns
         for m in self.fixed_modules:
             freeze(m)
         self.objective = objective
         self.teacher = freeze(teacher) if teacher is not None else None
         self.optim = optim or OptimConf()
-        self.agreement_pairs = [tuple(p) for p in agreement_pairs] if teacher is not None else []
-        self.agreement_map = agreement_map
-        pairs = self.agreement_pairs
-        student_layers = list(dict.fromkeys([*student_layers, *(s for s, _ in pairs)]))
-        teacher_layers = list(dict.fromkeys([*teacher_layers, *(t for _, t in pairs)]))
+        agreement = agreement or Agreement()
+        self.agreement_pairs = [tuple(p) for p in agreement.pairs] if teacher is not None else []
+        self.agreement_map = (agreement.p, agreement.mode)
+        pairs = [*objective.pairs, *self.agreement_pairs]
+        student_layers = list(dict.fromkeys(s for s, _ in pairs))
+        teacher_layers = list(dict.fromkeys(t for _, t in pairs))
         self.student_taps = (
             LayerTaps(student, student_layers, "student") if student_layers else None
         )

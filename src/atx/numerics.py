@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from atx.errors import AtxError
+from atx.options import Choice
 
 
 class NonFiniteLoss(AtxError):
@@ -46,15 +47,22 @@ def describe_nonfinite(loss: Tensor, parts: Mapping[str, Tensor]) -> str:
     return f"{where} is {_value(value)}{more}"
 
 
+class NanPolicy(Choice):
+    """What a non-finite loss does: stop the run (naming step, term and group), or skip it."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class NanGuard:
     """``policy="stop"``: the first non-finite loss raises :class:`NonFiniteLoss`.
     ``policy="skip"``: the step is dropped (nothing back-propagated, no optimiser step) and
     counted; ``limit`` non-finite steps in a row raise anyway."""
 
-    def __init__(self, policy: str = "stop", limit: int = 10) -> None:
-        if policy not in ("stop", "skip") or limit < 1:
-            raise ValueError(f"policy must be stop or skip, limit >= 1: got {policy}, {limit}")
-        self.policy, self.limit = policy, limit
+    def __init__(self, policy: NanPolicy | str = "stop", limit: int = 10) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.policy, self.limit = NanPolicy(policy), limit
         self.skipped = 0  # steps skipped in this run (this process)
         self.in_a_row = 0
 

@@ -10,15 +10,34 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler, MultiStepLR
 
-from atx.config import OptimConf
+from atx.options import Choice
 
-RECIPES = ("authors", "standard")
+
+class Recipe(Choice):
+    """``standard``: torch's MultiStepLR, momentum kept; ``authors``: their cifar.py."""
+
+    standard = "standard"
+    authors = "authors"
+
+
+@dataclass
+class OptimConf:
+    """SGD with step decay; the defaults are the paper's CIFAR values (authors' cifar.py)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    gamma: float = 0.2
+    recipe: Recipe = Recipe.standard
 
 
 def authors_lr(lr: float, epoch: int, milestones: Sequence[int], gamma: float) -> float:
@@ -62,14 +81,13 @@ class AuthorsStepLR(LRScheduler):
 
 def sgd_step_decay(params: Iterable[nn.Parameter], o: OptimConf) -> dict[str, Any]:
     """The optimiser and per-epoch scheduler of ``optim`` for ``configure_optimizers``."""
-    optimizer = SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                    nesterov=o.nesterov)  # fmt: skip
+    optimizer = SGD(
+        params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
     scheduler: LRScheduler
-    if o.recipe == "authors":
+    if Recipe(o.recipe) is Recipe.authors:
         scheduler = AuthorsStepLR(optimizer, o.milestones, o.gamma)
-    elif o.recipe == "standard":
-        scheduler = MultiStepLR(optimizer, list(o.milestones), o.gamma)
     else:
-        raise ValueError(f"unknown optim.recipe {o.recipe!r}; use {' or '.join(RECIPES)}")
+        scheduler = MultiStepLR(optimizer, list(o.milestones), o.gamma)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

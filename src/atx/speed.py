@@ -1,4 +1,4 @@
-"""Speed switches of a run (config ``speed``, ``atx.config.SpeedConf``) and the CPU allocator.
+"""Speed switches of a run (config ``speed``, :class:`SpeedConf`) and the CPU allocator.
 
 None of them changes what is trained beyond float rounding (tests/test_speed.py checks each):
 
@@ -24,14 +24,35 @@ import platform
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from atx.config import SpeedConf
-from atx.errors import AtxError
+from atx.options import Choice
+
+
+class TeacherPrecision(Choice):
+    """Autocast dtype of the teacher's forward: the run's own, bfloat16 or float16."""
+
+    same = "same"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
 
 TEACHER_DTYPES = {"same": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SpeedConf:
+    """Speed switches (config ``speed``); none changes what is trained beyond float rounding."""
+
+    channels_last: bool = False  # NHWC memory layout for student, teacher and batches
+    compile: bool = False  # torch.compile student and teacher (eager for input-gradient terms)
+    teacher_precision: TeacherPrecision = TeacherPrecision.same  # autocast dtype of the teacher
+    teacher_inference_mode: bool = False  # teacher under torch.inference_mode, not no_grad
+    allocator: bool = True  # CPU: glibc mallopt so freed activations are reused, not re-faulted
+
 # glibc malloc.h: mallopt parameters and the values the issue measured (MALLOC_*_ env vars)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # blocks below 32 MiB come from the heap, not fresh mmaps
@@ -42,15 +63,6 @@ COMPILE_FALLBACK = (
     "speed.compile=true ignored: input-gradient terms (grad-AT, symmetry, min-l2) need a double"
     " backward, which torch.compile cannot do; student and teacher run eager"
 )
-
-
-def check_speed(conf: SpeedConf) -> None:
-    """One-line errors for values the schema's types cannot catch."""
-    if conf.teacher_precision not in TEACHER_DTYPES:
-        raise AtxError(
-            f"speed.teacher_precision={conf.teacher_precision!r}: use one of"
-            f" {', '.join(TEACHER_DTYPES)}"
-        )
 
 
 def configure_allocator(enabled: bool = True) -> str:
@@ -102,7 +114,7 @@ def teacher_forward(conf: SpeedConf, device_type: str) -> Iterator[None]:
     """Context of the teacher's forward when no gradient flows through it: ``no_grad`` or
     ``inference_mode``, under autocast to the chosen precision (``same``: the run's own)."""
     grad_off = torch.inference_mode() if conf.teacher_inference_mode else torch.no_grad()
-    dtype = TEACHER_DTYPES[conf.teacher_precision]
+    dtype = TEACHER_DTYPES[str(conf.teacher_precision)]
     with grad_off:
         if dtype is None:
             yield

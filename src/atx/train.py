@@ -37,19 +37,17 @@ from omegaconf.errors import OmegaConfBaseException
 from atx import build
 from atx.callbacks import AttentionFigures, HeldOutSelection
 from atx.checkpoints import STUDENT_FILE
+from atx.checks import check_config
 from atx.cluster import (
     check_launcher_matches_trainer,
     check_sweep_strategy,
-    check_sync_batchnorm,
     cluster_plugins,
     gpu_of_this_job,
-    sync_batchnorm,
 )
-from atx.config import check_schema_keys, composition_error_line, register
+from atx.config import composition_error_line, register
 from atx.errors import AtxError
 from atx.loggers import RunLabels, build_loggers, finish_wandb, flatten, run_labels
-from atx.module import HELDOUT, DistillModule
-from atx.numerics import NanGuard
+from atx.module import HELDOUT
 from atx.resume import (
     PreemptionHandover,
     checkpoint_callbacks,
@@ -58,7 +56,7 @@ from atx.resume import (
     with_atomic_io,
 )
 from atx.run_dir import claim_run_dir, expand_resume_argv
-from atx.speed import check_speed, configure_allocator
+from atx.speed import configure_allocator
 
 register()
 # the frozen teacher is in eval mode on purpose; lightning's own deprecation noise is not ours
@@ -81,22 +79,6 @@ CONF_PACKAGE = "atx.conf"
 CONF_DIR, CONF_SOURCE = _conf_dir()  # users add their own with hydra.searchpath=[file://...]
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Everything that can be checked before data or models are touched."""
-    missing = [k for k in OmegaConf.missing_keys(cfg) if k != "teacher.checkpoint"]
-    if missing:
-        raise AtxError(f"config value '{missing[0]}' is not set: pass {missing[0]}=<value>")
-    check_schema_keys(cfg)
-    build.check_distill(cfg.distill)
-    build.check_optim(cfg.optim)
-    build.check_run_options(cfg)
-    check_speed(cfg.speed)
-    allowed = build.accepted_kwargs(L.Trainer) - {"logger", "callbacks", "default_root_dir"}
-    build.check_keys(cfg.trainer, allowed, "trainer")
-    build.check_trainer(cfg.trainer)
-    check_sync_batchnorm(cfg.trainer)
-
-
 def check_sweep(cfg: DictConfig, launcher: DictConfig) -> None:
     """The checks of a sweep's job (``-m``): how its ranks start, under which launcher."""
     check_sweep_strategy(cfg, launcher.get("_target_", ""))
@@ -115,58 +97,47 @@ def train(
         print(f"atx: '{run_dir}' has finished already: skipped", file=sys.stderr)
         return {k: v for k, v in owner.finished.items() if k.startswith(("val/", f"{HELDOUT}/"))}
     configure_allocator(cfg.speed.allocator)  # before data and models take memory
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = build.build_data(cfg)
-    student = build.build_network(cfg.model, "model", data.num_classes, data.in_channels)
-    plan = build.plan_layers(cfg)
-    teacher = None
-    if build.needs_teacher(cfg.distill, plan) or build.teacher_given(cfg):
-        # a given teacher is loaded even for a plain/KD student: attention agreement is logged
-        teacher = build.build_teacher(cfg, data.num_classes, data.in_channels)
-    pairs = (plan.at or plan.fact or build.preset_pairs(cfg)) if teacher is not None else []
-    fact_channels: list[tuple[int, int]] = []
-    if plan.student_layers:
-        shape = (data.in_channels, data.image_size, data.image_size)
-        s_shapes = build.probe_shapes(student, plan.student_layers, shape, "student")
-        t_shapes = build.probe_shapes(teacher, plan.teacher_layers, shape, "teacher")
-        fact_channels = build.check_pair_shapes(
-            plan, s_shapes, t_shapes, cfg.distill.at.interpolate
-        )
-    if teacher is not None:  # its weights, once every layer name and shape is checked
-        build.load_teacher(cfg, teacher, data)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.pop("sync_batchnorm", False):  # the student's BN only, never the teacher's
-        student = sync_batchnorm(student)
-    objective = build.build_objective(
-        cfg.distill, plan, fact_channels, trainer_kwargs.get("max_epochs") or 1
-    )
-    module = DistillModule(
-        student,
-        objective,
-        data.num_classes,
-        OmegaConf.to_object(cfg.optim),
-        teacher,
-        plan.student_layers,
-        plan.teacher_layers,
-        cfg.finetune.frozen_layers,
-        cfg.finetune.freeze_bn,
-        agreement_pairs=pairs,
-        agreement_map=(cfg.distill.at.p, cfg.distill.at.mode),
-        speed=OmegaConf.to_object(cfg.speed),
-        nan_guard=NanGuard(cfg.nan_policy, cfg.nan_skip_limit),
-    )
-
-    # fresh seed after every model is built: the data order and augmentation of a run do not
-    # depend on whether a teacher or adapters were built (baseline vs AT see the same batches)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    flat_config = flatten(OmegaConf.to_container(cfg, resolve=True))
-    if pairs:  # the layer groups as module names (a preset such as "all" resolved)
-        flat_config["layers.student"] = ",".join(s for s, _ in pairs)
-        flat_config["layers.teacher"] = ",".join(t for _, t in pairs)
+    run = build.build_run(cfg)
+    flat_config = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if run.pairs:  # the layer groups as module names (a preset such as "all" resolved)
+        flat_config["layers.student"] = ",".join(s for s, _ in run.pairs)
+        flat_config["layers.teacher"] = ",".join(t for _, t in run.pairs)
     loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config,
                             owner.wandb_id if owner else None)  # fmt: skip
     # data.val_split > 0: the best epoch is chosen on held-out training images, not the test set
-    selection = HeldOutSelection() if getattr(data, "val_split", 0) > 0 else None
+    selection = HeldOutSelection() if getattr(run.data, "val_split", 0) > 0 else None
+    callbacks = run_callbacks(cfg, run, run_dir, selection)
+    kwargs = run.trainer_kwargs
+    kwargs["plugins"] = with_atomic_io(kwargs.get("plugins", cluster_plugins()))
+    try:
+        trainer = L.Trainer(**kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks)
+    except (MisconfigurationException, ValueError) as e:  # Lightning's own trainer.* checks
+        raise AtxError(f"trainer: {str(e).splitlines()[0]}") from e
+    for logger in loggers:
+        logger.log_hyperparams(flat_config)
+    preemption = PreemptionHandover()  # a Slurm/submitit preemption saves first, then requeues
+    try:
+        trainer.fit(run.module, datamodule=run.data, weights_only=True,
+                    ckpt_path=owner.checkpoint if owner else None)  # fmt: skip
+    except SIGTERMException:
+        finish_wandb(loggers)
+        preemption.hand_over()
+        raise interrupted(trainer, run_dir) from None
+    finally:
+        preemption.restore()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(("val/", f"{HELDOUT}/"))}  # fmt: skip
+    if trainer.is_global_zero:
+        export(cfg, run, run_dir, trainer, callbacks[0], selection, metrics, loggers)
+    finish_wandb(loggers)
+    return metrics
+
+
+def run_callbacks(
+    cfg: DictConfig, run: build.Run, run_dir: Path, selection: HeldOutSelection | None
+) -> list[Any]:
+    """Best + last checkpoints (first: :func:`export` reads it), the lr, step checkpoints, the
+    held-out selection and the attention figures of the run."""
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -182,62 +153,50 @@ def train(
     ]
     if selection is not None:
         callbacks.append(selection)
-    if pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
+    if run.pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
         callbacks.append(AttentionFigures(run_dir / "attention", cfg.figure_every_n_epochs,
-                                          cfg.figure_images, pairs, data))  # fmt: skip
-    trainer_kwargs.setdefault("plugins", cluster_plugins())
-    trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs["plugins"])
-    try:
-        trainer = L.Trainer(
-            **trainer_kwargs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks
+                                          cfg.figure_images, run.pairs, run.data))  # fmt: skip
+    return callbacks
+
+
+def export(
+    cfg: DictConfig,
+    run: build.Run,
+    run_dir: Path,
+    trainer: L.Trainer,
+    best: ModelCheckpoint,
+    selection: HeldOutSelection | None,
+    metrics: dict[str, float],
+    loggers: list[Any],
+) -> None:
+    """Rank 0, after the fit: ``student.pt``, ``metrics.json`` and the attention figure."""
+    torch.save(run.student.state_dict(), run_dir / STUDENT_FILE)
+    epochs, best_score = fit_progress(trainer, best, selection)
+    summary = {
+        "name": cfg.name,
+        "epochs": epochs,
+        "world_size": trainer.world_size,
+        **metrics,
+        "best/val_error": float(best_score) if best_score is not None else None,
+        **(selection.summary() if selection else {}),  # best/val_error: still the test's
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if run.pairs and cfg.figure_images > 0:
+        from atx.visualize import save_attention_figure  # matplotlib only when needed
+
+        figure = save_attention_figure(
+            run_dir / "attention.png",
+            run.data,
+            cfg.figure_images,
+            {
+                "teacher": (run.teacher, [t for _, t in run.pairs]),
+                "student": (run.student, [s for s, _ in run.pairs]),
+            },
+            title=f"{cfg.name}: teacher vs student attention",
         )
-    except (MisconfigurationException, ValueError) as e:  # Lightning's own trainer.* checks
-        raise AtxError(f"trainer: {str(e).splitlines()[0]}") from e
-    for logger in loggers:
-        logger.log_hyperparams(flat_config)
-    preemption = PreemptionHandover()  # a Slurm/submitit preemption saves first, then requeues
-    try:
-        trainer.fit(module, datamodule=data, weights_only=True,
-                    ckpt_path=owner.checkpoint if owner else None)  # fmt: skip
-    except SIGTERMException:
-        finish_wandb(loggers)
-        preemption.hand_over()
-        raise interrupted(trainer, run_dir) from None
-    finally:
-        preemption.restore()
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if k.startswith(("val/", f"{HELDOUT}/"))}  # fmt: skip
-    if trainer.is_global_zero:
-        torch.save(student.state_dict(), run_dir / STUDENT_FILE)
-        epochs, best = fit_progress(trainer, callbacks[0], selection)
-        summary = {
-            "name": cfg.name,
-            "epochs": epochs,
-            "world_size": trainer.world_size,
-            **metrics,
-            "best/val_error": float(best) if best is not None else None,
-            **(selection.summary() if selection else {}),  # best/val_error: still the test's
-        }
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        if pairs and cfg.figure_images > 0:
-            from atx.visualize import save_attention_figure  # matplotlib only when needed
-
-            figure = save_attention_figure(
-                run_dir / "attention.png",
-                data,
-                cfg.figure_images,
-                {
-                    "teacher": (teacher, [t for _, t in pairs]),
-                    "student": (student, [s for s, _ in pairs]),
-                },
-                title=f"{cfg.name}: teacher vs student attention",
-            )
-            for logger in loggers:
-                if hasattr(logger, "log_image"):  # W&B
-                    logger.log_image(key="attention", images=[str(figure)])
-    finish_wandb(loggers)
-    return metrics
+        for logger in loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image(key="attention", images=[str(figure)])
 
 
 def fit_progress(

@@ -4,9 +4,6 @@ Models know nothing of distillation. Layer groups for attention transfer (paper 
 of submodules, tapped elsewhere with forward hooks; `layer_group_presets` names the usual ones.
 """
 
-import difflib
-import inspect
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +14,7 @@ from atx.errors import AtxError
 from atx.models.nin import NIN
 from atx.models.torchvision_models import resnet18, resnet34, torchvision
 from atx.models.wrn import WideResNet
+from atx.options import check_call, did_you_mean
 
 __all__ = [
     "NIN",
@@ -61,65 +59,27 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> _Entry:
+def _entry(name: str, where: str = "model") -> _Entry:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), model_names(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise AtxError(f"unknown model '{name}'; known models: {', '.join(model_names())}{hint}")
+        raise AtxError(
+            f"{where}: unknown model '{name}'; known models: {', '.join(model_names())}"
+            f"{did_you_mean(name, model_names())}"
+        )
     return _REGISTRY[name]
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    if annotation is inspect.Parameter.empty:
-        return True
-    if isinstance(annotation, types.UnionType):
-        return any(_type_ok(value, a) for a in annotation.__args__)
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return not isinstance(annotation, type) or isinstance(value, annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return str(annotation).replace("NoneType", "None")
-
-
-def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build model `name` with `num_classes` outputs and `in_channels` input channels.
-
-    `kwargs` are the model's own options (e.g. wrn: depth, width, dropout). Unknown names,
-    unknown or missing options and wrongly typed values raise a one-line AtxError.
-    """
-    entry = _entry(name)
-    params = inspect.signature(entry.builder).parameters
-    options = [p for p in params if p not in _COMMON]
-    for key, value in kwargs.items():
-        if key not in options:
-            close = difflib.get_close_matches(key, options, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise AtxError(
-                f"model '{name}' has no option '{key}'; its options are: {', '.join(options)}{hint}"
-            )
-        annotation = params[key].annotation
-        if not _type_ok(value, annotation):
-            raise AtxError(
-                f"model '{name}' option '{key}' must be {_type_name(annotation)}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-    for key in options:
-        if params[key].default is inspect.Parameter.empty and key not in kwargs:
-            raise AtxError(
-                f"model '{name}' needs option '{key}'; its options are: {', '.join(options)}"
-            )
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, where: str = "model", **options: Any
+) -> nn.Module:
+    """Build model family ``name`` with ``num_classes`` outputs and ``in_channels`` input
+    channels; ``options`` are the family's own (e.g. wrn: depth, width, dropout), checked like
+    every other option (``atx.options.check_call``) and named ``<where>.<option>`` in errors."""
+    entry = _entry(name, where)
+    check_call(entry.builder, options, where, given=_COMMON)
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AtxError(f"model '{name}': {key} must be a positive integer, got {value!r}")
-    return entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    return entry.builder(num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def layer_group_presets(name: str) -> dict[str, list[str]]:
