@@ -50,6 +50,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 # Before torch loads oneDNN: room for every row's convolution primitives (default 1024). With ~20
 # model pairs in one process the default LRU cache thrashes, and rows re-create kernels each
@@ -61,17 +62,19 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from atx import build
 from atx.attention import at_loss
-from atx.config import OptimConf, SpeedConf, register
+from atx.config import register
 from atx.gradient_attention import input_gradient
 from atx.losses import kd_loss
 from atx.models import build_model
 from atx.module import DistillModule, freeze
-from atx.speed import MALLOC_ENV, configure_allocator
+from atx.optim import OptimConf
+from atx.speed import MALLOC_ENV, SpeedConf, configure_allocator
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DISTILL = {
@@ -187,27 +190,15 @@ def compose_distill(preset: str, model: str = "wrn_16_1", teacher: str = "wrn_16
 
 
 def build_module(row: Row, student: nn.Module, teacher: nn.Module) -> DistillModule:
-    """DistillModule for one row, built like ``atx.train.train`` builds it (the teacher's
-    weights are random: the checkpoint changes no timing)."""
+    """DistillModule for one row, built by atx's own builder (the teacher's weights are
+    random: the checkpoint changes no timing)."""
     cfg = compose_distill(DISTILL[row.method])
-    plan = build.plan_layers(cfg)
-    fact_channels: list[tuple[int, int]] = []
-    if plan.student_layers:
-        s_shapes = build.probe_shapes(student, plan.student_layers, (3, 32, 32), "student")
-        t_shapes = build.probe_shapes(teacher, plan.teacher_layers, (3, 32, 32), "teacher")
-        fact_channels = build.check_pair_shapes(plan, s_shapes, t_shapes, False)
-    objective = build.build_objective(cfg.distill, plan, fact_channels, max_epochs=1)
-    uses_teacher = build.needs_teacher(cfg.distill, plan)
-    return DistillModule(
-        student,
-        objective,
-        10,
-        OptimConf(),
-        teacher if uses_teacher else None,
-        plan.student_layers,
-        plan.teacher_layers,
-        speed=row.speed,
-    )
+    cfg.speed = OmegaConf.structured(row.speed)
+    shape = SimpleNamespace(num_classes=10, in_channels=3, image_size=32)
+    uses_teacher = build.needs_teacher(cfg.distill)
+    module, _ = build.build_module(cfg, student, teacher if uses_teacher else None, shape,
+                                   load_teacher_weights=False)
+    return module
 
 
 def make_batches(n: int, batch_size: int, seed: int = 0) -> list[Batch]:

@@ -26,8 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from atx.build import accepted_kwargs
-from atx.config import TrainConf
+from atx.options import accepted_kwargs
+from atx.config import train_schema
 from atx.models import _entry
 from atx.train import CONF_DIR, check_config, check_sweep
 
@@ -38,7 +38,7 @@ CODE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # the section that documents refused overrides (distill=atkd, distill.at.beta=abc, ...)
 ERROR_EXAMPLES = re.compile(r"^### What is checked at start-up\n.*?(?=^#)", re.S | re.M)
 PLACEHOLDER = re.compile(r"<|\.\.\.|…")
-ROOT_KEYS = {*typing.get_type_hints(TrainConf), "hydra"}
+ROOT_KEYS = {*typing.get_type_hints(train_schema()), "hydra"}
 
 
 def presets(group: str) -> list[str]:

@@ -267,27 +267,45 @@ class Run:
 
 
 def build_run(cfg: DictConfig) -> Run:
-    """Data, student, teacher (checked, then loaded), objective and module of ``cfg``; the
-    seed is set before the models are built and again after (the data order and augmentation
-    of a run do not depend on whether a teacher or adapters were built)."""
+    """Data, student, teacher and module of ``cfg``; the seed is set before the models are
+    built and again after (the data order and augmentation of a run do not depend on whether a
+    teacher or adapters were built: baseline and AT see the same batches)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     student = build_network(cfg.model, "model", data.num_classes, data.in_channels)
-    plan = plan_layers(cfg)
     teacher = None
     if needs_teacher(cfg.distill) or teacher_given(cfg):
         # a given teacher is loaded even for a plain/KD student: attention agreement is logged
         teacher = build_teacher(cfg, data.num_classes, data.in_channels)
+    module, pairs = build_module(cfg, student, teacher, data)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.pop("sync_batchnorm", None)  # done by build_module, for the student only
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return Run(data, module, trainer_kwargs, pairs)
+
+
+def build_module(
+    cfg: DictConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: Any,
+    load_teacher_weights: bool = True,
+) -> tuple[DistillModule, list[tuple[str, str]]]:
+    """The DistillModule of ``cfg`` around built networks, and the layer pairs of its figures;
+    ``data`` gives ``num_classes``, ``in_channels`` and ``image_size``. The teacher's weights
+    are loaded once every layer name and shape is checked (``load_teacher_weights=False``:
+    kept as they are, e.g. random for a benchmark)."""
+    plan = plan_layers(cfg)
     first = next(iter(plan.values()), None)
     pairs = (first or preset_pairs(cfg)) if teacher is not None else []
     shape = (data.in_channels, data.image_size, data.image_size)
     shapes = pair_shapes(cfg, plan, student, teacher, shape)
-    if teacher is not None:  # its weights, once every layer name and shape is checked
+    if teacher is not None and load_teacher_weights:
         load_teacher(cfg, teacher, data)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.pop("sync_batchnorm", False):  # the student's BN only, never the teacher's
+    if cfg.trainer.get("sync_batchnorm", False):  # the student's BN only, never the teacher's
         student = sync_batchnorm(student)
-    objective = build_objective(cfg.distill, plan, shapes, trainer_kwargs.get("max_epochs") or 1)
+    max_epochs = cfg.trainer.get("max_epochs") or 1
+    objective = build_objective(cfg.distill, plan, shapes, max_epochs)
     module = DistillModule(
         student,
         objective,
@@ -299,5 +317,4 @@ def build_run(cfg: DictConfig) -> Run:
         agreement=Agreement(pairs, cfg.distill.at.p, cfg.distill.at.mode),
         nan_guard=NanGuard(cfg.nan_policy, cfg.nan_skip_limit),
     )
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return Run(data, module, trainer_kwargs, list(pairs))
+    return module, list(pairs)

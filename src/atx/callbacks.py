@@ -25,7 +25,7 @@ class AttentionFigures(L.Callback):
         epoch = trainer.current_epoch + 1
         if trainer.sanity_checking or not trainer.is_global_zero or epoch % self.every:
             return
-        from atx.visualize import save_attention_figure  # matplotlib only when needed
+        from atx.figures import save_attention_figure  # matplotlib only when needed
 
         self.folder.mkdir(parents=True, exist_ok=True)
         path = save_attention_figure(self.folder / f"epoch_{epoch:03d}.png", self.data,

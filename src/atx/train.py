@@ -182,7 +182,7 @@ def export(
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     if run.pairs and cfg.figure_images > 0:
-        from atx.visualize import save_attention_figure  # matplotlib only when needed
+        from atx.figures import save_attention_figure  # matplotlib only when needed
 
         figure = save_attention_figure(
             run_dir / "attention.png",
