@@ -463,7 +463,7 @@ class WorkerRunner:
     def __init__(self, row: Row, batches: list[Batch], threads: int) -> None:
         if threads % row.processes:
             raise SystemExit(f"{row.name}: --threads {threads} does not split over"
-                             f" {row.processes} processes")  # fmt: skip
+                             f" {row.processes} processes")
         self.gate = Path(tempfile.mkdtemp(prefix="atx-bench-worker-"))
         for name in (*(f"ctl-{r}" for r in range(row.processes)), "times"):
             os.mkfifo(self.gate / name)
@@ -472,16 +472,16 @@ class WorkerRunner:
         self.times = os.fdopen(os.open(self.gate / "times", os.O_RDWR), "r")
         env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
         env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-               "WORLD_SIZE": str(row.processes), "NODE_RANK": "0"}  # fmt: skip
+               "WORLD_SIZE": str(row.processes), "NODE_RANK": "0"}
         self.procs = []
         for rank in range(row.processes):
             log = open(self.gate / f"rank{rank}.log", "w")  # noqa: SIM115 (closed by the OS)
             cmd = [sys.executable, __file__, "--worker", row.name, "--gate", str(self.gate),
                    "--threads", str(threads // row.processes), "--batch-size",
-                   str(batches[0][0].shape[0]), "--n-batches", str(len(batches))]  # fmt: skip
+                   str(batches[0][0].shape[0]), "--n-batches", str(len(batches))]
             self.procs.append(subprocess.Popen(
                 cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+                stdout=log, stderr=subprocess.STDOUT))
         atexit.register(self.close)
         # start-up (imports, process group) before other rows run, so it is no row's load
         self._wait(lambda: all((self.gate / f"ready-{r}").exists() for r in range(row.processes)))
@@ -585,7 +585,7 @@ class Forever(torch.utils.data.IterableDataset):
     def __init__(self, batches: list[Batch], rank: int, world: int) -> None:
         n = batches[0][0].shape[0] // world
         self.batches = [(x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
-                        for x, y in batches]  # fmt: skip
+                        for x, y in batches]
 
     def __iter__(self):
         while True:
@@ -619,7 +619,7 @@ def ddp_worker(row: Row, args: argparse.Namespace, gate: WorkerGate) -> None:
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False, callbacks=[GatedTimer(gate)],
-    )  # fmt: skip
+    )
     trainer.fit(module, DataLoader(data, batch_size=None))
 
 

@@ -74,10 +74,10 @@ def write_synthetic_cifar10(root: Path, n_train: int = 50_000, n_test: int = 10_
     per = n_train // 5
     for i in range(1, 6):
         batch = {"data": rng.integers(0, 256, (per, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, per).tolist()}  # fmt: skip
+                 "labels": rng.integers(0, 10, per).tolist()}
         (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
     test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, n_test).tolist()}  # fmt: skip
+            "labels": rng.integers(0, 10, n_test).tolist()}
     (base / "test_batch").write_bytes(pickle.dumps(test))
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR10_CLASSES}))
     return root
@@ -106,14 +106,14 @@ def per_image_transform(pad: int = 4) -> Callable[[Image.Image], Tensor]:
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
-    ])  # fmt: skip
+    ])
 
 
 def per_image_loader(x: Tensor, y: Tensor, batch_size: int, workers: int, pin: bool) -> DataLoader:
     return DataLoader(
         PerImageCIFAR(x, y, per_image_transform()), batch_size=batch_size, shuffle=True,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
-    )  # fmt: skip
+    )
 
 
 # --- timing helpers ---------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def make_feeds(root: Path, args: argparse.Namespace, device: torch.device) -> li
     pin = device.type == "cuda"
     feeds = []
     host = CIFAR10DataModule(str(root), batch_size=args.batch_size, train_subset=args.images,
-                             device_resident=False, pin_memory=pin, seed=1)  # fmt: skip
+                             device_resident=False, pin_memory=pin, seed=1)
     host.setup()
     host.trainer = SimpleNamespace(training=True)
     x, y = host.x_train, host.y_train
@@ -200,14 +200,14 @@ def make_feeds(root: Path, args: argparse.Namespace, device: torch.device) -> li
         loader = per_image_loader(x, y, args.batch_size, w, pin)
         feeds.append(Feed(f"pil w{w}", loader, lambda b: b, device))
     feeds.append(Feed("atx host", host.train_dataloader(),
-                      lambda b: host.on_after_batch_transfer(b, 0), device))  # fmt: skip
+                      lambda b: host.on_after_batch_transfer(b, 0), device))
     resident = CIFAR10DataModule(str(root), batch_size=args.batch_size, train_subset=args.images,
-                                 device_resident=True, seed=1)  # fmt: skip
+                                 device_resident=True, seed=1)
     resident.setup()
     resident.place(device)
     resident.trainer = SimpleNamespace(training=True)
     feeds.append(Feed("atx device", resident.train_dataloader(),
-                      lambda b: resident.on_after_batch_transfer(b, 0), device))  # fmt: skip
+                      lambda b: resident.on_after_batch_transfer(b, 0), device))
     return feeds
 
 
@@ -242,7 +242,7 @@ def bench_loaders(root: Path, args: argparse.Namespace, device: torch.device) ->
             "min": min(xs),
             "max": max(xs),
             "other_load": statistics.median(loads[name]) if loads[name] else None,
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -252,7 +252,7 @@ def loader_table(rows: Sequence[dict]) -> tuple[str, bool]:
     w0 = pil[0]["images_per_s"] if pil else float("nan")
     best = max((r["images_per_s"] for r in pil), default=float("nan"))
     lines = ["| path | images/s (median) | min - max | x pil w0 | x best pil | other load |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "|---|---:|---:|---:|---:|---:|"]
     noisy = False
     for r in rows:
         spread = r["max"] / r["min"]
@@ -305,7 +305,7 @@ class TimedPerImageCIFAR10(_EpochClock, CIFAR10DataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.x_train is not None and self.y_train is not None
         cuda = getattr(self.trainer, "strategy", None) is not None and \
-            self.trainer.strategy.root_device.type == "cuda"  # fmt: skip
+            self.trainer.strategy.root_device.type == "cuda"
         return per_image_loader(self.x_train, self.y_train, self.batch_size, self.num_workers, cuda)
 
     def _transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -323,7 +323,7 @@ def epoch_overrides(args: argparse.Namespace, root: Path, teacher: Path) -> list
         "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "logger=csv", "figure_images=0",
         f"data.val_subset={args.val_subset}",
-    ]  # fmt: skip
+    ]
     if args.train_subset:
         out.append(f"data.train_subset={args.train_subset}")
     return out + list(args.override)
@@ -350,7 +350,7 @@ def epoch_paths(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     paths += [(f"per-image w{w}", "TimedPerImageCIFAR10",
                ["data.device_resident=false", f"data.num_workers={w}"]) for w in args.workers]
     paths += [(f"atx {name}", "TimedCIFAR10", ["data.device_resident=true", *EPOCH_OPTIONS[name]])
-              for name in args.options]  # fmt: skip
+              for name in args.options]
     return paths
 
 
@@ -396,7 +396,7 @@ def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
         n = args.train_subset or 50_000
         rows.append({"path": label, "overrides": extra, "epoch_s": end - start,
                      "images_per_s": n / (end - start), "images": n,
-                     "other_load": load})  # fmt: skip
+                     "other_load": load})
         print(f"    {label}: last epoch {end - start:.2f} s, {n / (end - start):,.0f} img/s")
     return rows
 
@@ -406,16 +406,16 @@ def epoch_table(rows: Sequence[dict]) -> str:
     against the fastest per-image loader, and each option's speed-up of the atx epoch."""
     atx = rows[0]["epoch_s"]
     lines = ["| path | epoch (s) | images/s | epoch / atx epoch | other load |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+             "|---|---:|---:|---:|---:|"]
     for r in rows:
         load = f"{r['other_load']:.2f} cores" if r["other_load"] is not None else "n/a"
         lines.append(f"| {r['path']} | {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | "
-                     f"{r['epoch_s'] / atx:.2f} | {load} |")  # fmt: skip
+                     f"{r['epoch_s'] / atx:.2f} | {load} |")
     per_image = [r for r in rows if r["path"].startswith("per-image")]
     if per_image:
         best = min(per_image, key=lambda r: r["epoch_s"])
         lines.append(f"\natx pipeline epoch vs the fastest per-image epoch ({best['path']}): "
-                     f"{best['epoch_s'] / atx:.2f}x faster (GPU target >= 3x)")  # fmt: skip
+                     f"{best['epoch_s'] / atx:.2f}x faster (GPU target >= 3x)")
     for r in rows[1:]:
         if r["path"].startswith("atx "):
             lines.append(f"speed-up of {r['path'][4:]}: {atx / r['epoch_s']:.2f}x")
@@ -442,7 +442,7 @@ def machine() -> str:
 def revision() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=REPO, timeout=10)  # fmt: skip
+                             text=True, cwd=REPO, timeout=10)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -465,7 +465,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--override", nargs="*", default=[], help="epoch mode: more atx-train overrides")
     p.add_argument("--options", nargs="*", default=None, choices=list(EPOCH_OPTIONS),
                    help="epoch mode: also time the atx epoch with each speed option (default:"
-                        " all on cuda, none on cpu)")  # fmt: skip
+                        " all on cuda, none on cpu)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
@@ -494,7 +494,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command.strip(), "machine": machine(), "revision": revision(),
         "device": str(device),
-    }  # fmt: skip
+    }
     print(f"{result['date']}  {result['machine']}  atx {result['revision']}")
     with tempfile.TemporaryDirectory(prefix="atx-bench-data-") as tmp:
         work = Path(tmp)
@@ -503,12 +503,12 @@ def main(argv: Iterable[str] | None = None) -> int:
             small = (4 * args.images, 1000) if args.quick else (50_000, 10_000)
             root = write_synthetic_cifar10(work / "cifar10", *small)
             print(f"synthetic CIFAR-10 ({small[0]} + {small[1]} images) written in "
-                  f"{time.perf_counter() - t:.1f} s")  # fmt: skip
+                  f"{time.perf_counter() - t:.1f} s")
         else:
             root = args.root
         if not args.epoch_only:
             print(f"loaders: {args.rounds} rounds of {args.images} images, batch "
-                  f"{args.batch_size}, device {device}")  # fmt: skip
+                  f"{args.batch_size}, device {device}")
             rows = bench_loaders(root, args, device)
             table, noisy = loader_table(rows)
             result["loaders"], result["noisy"] = rows, noisy
@@ -517,7 +517,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             for r in rows:
                 if r["path"].startswith("atx"):
                     print(f"{r['path']} feeds {r['images_per_s'] / pil_best:.1f}x the PIL loader "
-                          f"(best of workers {args.workers})")  # fmt: skip
+                          f"(best of workers {args.workers})")
             if noisy:
                 print("NOISY: rounds spread > 1.3x or other load > 0.3 cores; rerun when quiet")
         if args.epoch or args.epoch_only or args.quick:

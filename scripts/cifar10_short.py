@@ -22,20 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True,
-                        help="CIFAR-10: torchvision's download dir or image folders")  # fmt: skip
+                        help="CIFAR-10: torchvision's download dir or image folders")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     base = ROOT / "outputs" / "cifar10_short"
     out = args.out or base / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     quiet = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-             f"data.root={args.data_root.resolve()}"]  # fmt: skip
+             f"data.root={args.data_root.resolve()}"]
     study = Study(
         title="CIFAR-10, short schedule (teacher 5 epochs, students 3; not the paper's 200)",
         teacher=["experiment=cifar10_short_teacher", *quiet],
         students=["experiment=cifar10_short", *quiet],
         methods={"student": "none", "student + AT": "at", "student + KD": "kd",
-                 "student + AT+KD": "at_kd"},  # fmt: skip
+                 "student + AT+KD": "at_kd"},
         seeds=args.seeds,
         labels={"teacher": "teacher WRN-16-2", "student": "student WRN-16-1"},
     )

@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["none", "at", "at_kd_alpha05"],
-                        help="distill presets; the first is the baseline")  # fmt: skip
+                        help="distill presets; the first is the baseline")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/demo/<time>")
     parser.add_argument("overrides", nargs="*", help="atx-train overrides for the students")
     args = parser.parse_args()
@@ -40,7 +40,7 @@ def main() -> None:
     out = args.out or ROOT / "outputs" / "demo" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     names = {"none": "student WRN-10-1", "at": "student + AT", "kd": "student + KD",
              "at_kd": "student + AT+KD", "at_kd_alpha05": "student + AT+KD (alpha 0.5)",
-             "fact": "student + F-ActT"}  # fmt: skip
+             "fact": "student + F-ActT"}
     study = Study(
         title=("Fashion-MNIST: WRN-10-2 teacher (20,000 images, 3 epochs), WRN-10-1 students "
                "(1,000 images, 8 epochs); test error on 2,000 test images"),

@@ -11,7 +11,7 @@ import torch
 
 from atx.checkpoints import load_state_dict
 from atx.errors import AtxError, reason
-from atx.models.torchvision_models import load_weights
+from atx.models.torchvision_models import load_pretrained
 from atx.resume import newest_checkpoint
 
 
@@ -48,7 +48,7 @@ def test_reason_cuts_long_text_between_words() -> None:
 
 
 def load_torchvision_weights(path) -> None:
-    load_weights(torch.nn.Linear(2, 2), path)
+    load_pretrained(torch.nn.Linear(2, 2), path)
 
 
 @pytest.mark.parametrize("load", [load_state_dict, load_torchvision_weights])

@@ -81,7 +81,7 @@ def test_teacher_checkpoint_is_refused(tmp_path, kind):
     (tmp_path / "run").mkdir()
     with pytest.raises(AtxError) as info:
         train(cfg, tmp_path / "run")
-    assert f"refused to load '{target if kind != 'run dir' else target / STUDENT_FILE}'" in str(
+    assert f"refused to load checkpoint '{target if kind != 'run dir' else target / STUDENT_FILE}'" in str(
         info.value
     )
     assert REFUSED in str(info.value) and "\n" not in str(info.value)
@@ -133,7 +133,7 @@ def test_visualize_refuses_a_run_with_a_poisoned_student(tmp_path, capsys):
     code = visualize_main([str(r) for r in runs] + ["--out", str(tmp_path / "grid.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith(f"atx-visualize: error: refused to load '{runs[1] / STUDENT_FILE}'")
+    assert err.startswith(f"atx-visualize: error: refused to load checkpoint '{runs[1] / STUDENT_FILE}'")
     assert "\n" not in err and not marker.exists() and not (tmp_path / "grid.png").exists()
 
 
@@ -193,5 +193,5 @@ def test_cli_refuses_a_poisoned_teacher_in_one_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith(f"atx: error: refused to load '{evil}': {REFUSED}")
+    assert result.stderr.startswith(f"atx: error: refused to load checkpoint '{evil}': {REFUSED}")
     assert "Traceback" not in result.stderr and not marker.exists()

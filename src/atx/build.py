@@ -95,7 +95,7 @@ def load_teacher(cfg: DictConfig, teacher: nn.Module, data: Any) -> None:
     first_conv = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d)][:1]
     name = getattr(data, "name", "the data")
     checks = ((classifier, 0, data.num_classes, "classes"),
-              (first_conv, 1, data.in_channels, "image channels"))  # fmt: skip
+              (first_conv, 1, data.in_channels, "image channels"))
     for module, dim, wanted, what in checks:
         w = state.get(f"{module[0]}.weight") if module else None
         if isinstance(w, Tensor) and w.dim() > dim and w.shape[dim] != wanted:
@@ -104,7 +104,7 @@ def load_teacher(cfg: DictConfig, teacher: nn.Module, data: Any) -> None:
                 f" {tuple(w.shape)}) but {name} has {wanted}: give a teacher trained on {name}"
             )
     bad = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()),
-               None)  # fmt: skip
+               None)
     if bad is not None:
         raise AtxError(f"teacher.checkpoint '{path}' holds NaN/inf values in '{bad}': it is broken")
     load_state(teacher, state, path, "teacher")

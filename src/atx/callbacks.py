@@ -17,7 +17,7 @@ class AttentionFigures(L.Callback):
     attention can be watched converging."""
 
     def __init__(self, folder: Path, every_n_epochs: int, n_images: int,
-                 pairs: Sequence[tuple[str, str]], data: Any) -> None:  # fmt: skip
+                 pairs: Sequence[tuple[str, str]], data: Any) -> None:
         self.folder, self.every, self.n_images = Path(folder), every_n_epochs, n_images
         self.pairs, self.data = list(pairs), data
 
@@ -32,11 +32,11 @@ class AttentionFigures(L.Callback):
                                      self.n_images, {
             "teacher": (module.teacher, [t for _, t in self.pairs]),
             "student": (module.student, [s for s, _ in self.pairs]),
-        }, title=f"epoch {epoch}: teacher vs student attention")  # fmt: skip
+        }, title=f"epoch {epoch}: teacher vs student attention")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="attention_during_training", images=[str(path)],
-                                 step=trainer.global_step)  # fmt: skip
+                                 step=trainer.global_step)
 
 
 class HeldOutSelection(L.Callback):
@@ -71,7 +71,7 @@ class HeldOutSelection(L.Callback):
         out = {"selected/epoch": chosen["epoch"], "selected/step": chosen["step"],
                "selected/heldout_error": chosen["heldout/error"],
                "selected/test_error": chosen["val/error"],
-               "best/val_error": min(r["val/error"] for r in self.history)}  # fmt: skip
+               "best/val_error": min(r["val/error"] for r in self.history)}
         if "val/error_top5" in chosen:
             out["selected/test_error_top5"] = chosen["val/error_top5"]
         return out

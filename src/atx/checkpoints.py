@@ -6,13 +6,12 @@ object is refused, never executed.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from atx.errors import AtxError, reason
+from atx.errors import AtxError
+from atx.files import is_state_dict, read_tensors
 
 STUDENT_FILE = "student.pt"
 
@@ -33,22 +32,14 @@ def resolve_weights_path(path: str | Path) -> Path:
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a plain state dict, or the student part of a Lightning checkpoint."""
     p = resolve_weights_path(path)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise AtxError(
-            f"refused to load '{p}': it is not a plain tensor checkpoint (weights_only=True"
-            f" rejected it: {reason(e)})"
-        ) from e  # torch's whole text: debug=true
-    except Exception as e:  # truncated or not a torch file at all
-        raise AtxError(f"cannot read checkpoint '{p}': {reason(e)}") from e
+    obj = read_tensors(p, "checkpoint")
     if isinstance(obj, dict) and "state_dict" in obj:  # Lightning checkpoint of a DistillModule
         obj = {
             k[len("student.") :]: v
             for k, v in obj["state_dict"].items()
             if k.startswith("student.")
         }
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not is_state_dict(obj):
         raise AtxError(f"checkpoint '{p}' holds no state dict of tensors")
     return obj
 

@@ -1,4 +1,5 @@
-"""Files a run shares with other processes: written whole or not at all, and exclusive locks.
+"""Files a run shares with other processes: written whole or not at all, exclusive locks, and
+tensor files read without running any code they might carry.
 
 A crash (or SIGKILL) while writing never leaves a truncated file under the real name, and a
 reader that runs at the same time (another rank, a relaunched job) sees the old file or the new
@@ -9,9 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import torch
+
+from atx.errors import AtxError, reason
 
 
 def replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -38,3 +44,21 @@ def try_lock(path: Path) -> IO[str] | None:
         handle.close()
         return None
     return handle
+
+
+def read_tensors(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``: a file carrying a pickled object is refused,
+    never executed; any unreadable file is one line naming ``what`` (e.g. "weights file")."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise AtxError(
+            f"refused to load {what} '{path}': it is not a plain tensor checkpoint"
+            f" (weights_only=True rejected it: {reason(e)})"
+        ) from e  # torch's whole text: debug=true
+    except Exception as e:  # truncated or not a torch file at all
+        raise AtxError(f"cannot read {what} '{path}': {reason(e)}") from e
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())

@@ -47,12 +47,12 @@ def run_labels(hc: Any, cfg: DictConfig) -> RunLabels:
     """W&B group, name and tags of the Hydra job ``hc`` (``HydraConfig.get()``)."""
     choices = hc.runtime.choices
     tags = [f"{g}:{choices[g]}" for g in ("experiment", "distill", "model", "teacher", "data")
-            if choices.get(g) not in (None, "null")]  # fmt: skip
+            if choices.get(g) not in (None, "null")]
     if hc.mode != RunMode.MULTIRUN:
         return RunLabels(tags=tags)
     swept = swept_keys(Path(hc.sweep.dir) / "multirun.yaml")
     shown = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(UNNAMED)
-             and (swept is None or o.lstrip("+~").split("=")[0] in swept)]  # fmt: skip
+             and (swept is None or o.lstrip("+~").split("=")[0] in swept)]
     return RunLabels(str(hc.sweep.dir), " ".join([cfg.name, *shown]), tags)
 
 
@@ -71,7 +71,7 @@ def swept_keys(multirun_yaml: Path) -> set[str] | None:
 def build_loggers(
     cfg: DictConfig, run_dir: Path, labels: RunLabels, flat_config: dict[str, Any],
     wandb_id: str | None = None,
-) -> list[Any]:  # fmt: skip
+) -> list[Any]:
     loggers = []
     for key, node in (cfg.logger or {}).items():
         extra: dict[str, Any] = {"save_dir": str(run_dir)}

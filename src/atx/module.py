@@ -69,7 +69,7 @@ def eval_metrics(num_classes: int) -> nn.ModuleDict:
     """Loss, image count, top-1 (and top-5 above 10 classes) accuracy of one evaluation set:
     sums over images, reduced across ranks at ``compute`` (no mean of means)."""
     metrics = {"loss": MeanMetric(), "images": SumMetric(),
-               "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}  # fmt: skip
+               "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
     if num_classes > 10:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return nn.ModuleDict(metrics)
@@ -140,7 +140,7 @@ class DistillModule(L.LightningModule):
         self.agreement = nn.ModuleDict({
             f"{kind}_{i}": MeanMetric() for i in range(len(self.agreement_pairs))
             for kind in ("cosine", "distance")
-        })  # fmt: skip
+        })
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.speed = speed or SpeedConf()
         self.nan_guard = nan_guard or NanGuard()  # a NaN/inf loss stops the run (or is skipped)
@@ -205,7 +205,7 @@ class DistillModule(L.LightningModule):
                     self.student_taps.outputs()
                 flipped = input_gradient(logits_flip, y, x_flip, create_graph=True)
         return StepOutputs(logits, y, student_features=feats, input_grad=grad,
-                           flipped_input_grad=flipped)  # fmt: skip
+                           flipped_input_grad=flipped)
 
     def _add_teacher_outputs(self, out: StepOutputs, x: Tensor, y: Tensor) -> None:
         """Teacher logits and features without grad; J_t (no graph) when grad-AT needs it."""
@@ -246,7 +246,7 @@ class DistillModule(L.LightningModule):
             teacher_feats = self.teacher_taps.outputs()
             for i, (s, t) in enumerate(self.agreement_pairs):
                 cosine, distance = attention_agreement(student_feats[s], teacher_feats[t],
-                                                       *self.agreement_map)  # fmt: skip
+                                                       *self.agreement_map)
                 self.agreement[f"cosine_{i}"].update(cosine)
                 self.agreement[f"distance_{i}"].update(distance)
 
@@ -297,5 +297,5 @@ class DistillModule(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in [*self.student.parameters(), *self.objective.parameters()]
-                  if p.requires_grad]  # fmt: skip
+                  if p.requires_grad]
         return sgd_step_decay(params, self.optim)  # optim.recipe: standard or authors

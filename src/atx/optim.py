@@ -64,7 +64,7 @@ class AuthorsStepLR(LRScheduler):
     """
 
     def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float,
-                 last_epoch: int = -1) -> None:  # fmt: skip
+                 last_epoch: int = -1) -> None:
         self.milestones = sorted(int(m) for m in milestones)
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)

@@ -52,7 +52,7 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
             "seed": config.get("seed"),
             "config": config,
             "metrics": json.loads(metrics_file.read_text()),
-        })  # fmt: skip
+        })
     return runs
 
 
@@ -88,7 +88,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, members in groups.items():
         last = [r["metrics"]["val/error"] for r in members if "val/error" in r["metrics"]]
         best = [r["metrics"]["best/val_error"] for r in members
-                if r["metrics"].get("best/val_error") is not None]  # fmt: skip
+                if r["metrics"].get("best/val_error") is not None]
         if not last:
             continue
         row: dict[str, Any] = {"config": key or "(the common overrides)", "seeds": len(last)}
@@ -96,7 +96,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if best:
             row["best_mean"], row["best_std"], row["best_median"] = mean_std_median(best)
         selected = [r["metrics"]["selected/test_error"] for r in members
-                    if r["metrics"].get("selected/test_error") is not None]  # fmt: skip
+                    if r["metrics"].get("selected/test_error") is not None]
         if selected:  # data.val_split: the epoch was chosen on held-out training images
             stats = mean_std_median(selected)
             row["selected_mean"], row["selected_std"], row["selected_median"] = stats
@@ -127,13 +127,13 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, common: list[str]) ->
     head = ["config", "seeds", "last-epoch error % mean ± std (median)",
             "best-epoch error % mean ± std (median)",
             *(["test error % at held-out-best epoch, mean ± std (median)"] if selected else []),
-            "paper", *agreement]  # fmt: skip
+            "paper", *agreement]
     lines = [f"All runs: `{' '.join(common)}`" if common else "", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         paper = f"{r['paper_error']:.2f} ({r['paper_table']})" if "paper_error" in r else "-"
         cells = [f"`{r['config']}`", str(r["seeds"]), _cell(r, "last"), _cell(r, "best"),
-                 *([_cell(r, "selected")] if selected else []), paper]  # fmt: skip
+                 *([_cell(r, "selected")] if selected else []), paper]
         cells += [f"{r[k]:.3f}" if k in r else "-" for k in agreement]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
@@ -221,7 +221,7 @@ def write_loss_plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
         for t in terms:
             epochs = sorted({e for c in runs for e in c.get(t, {})})
             mean[t] = [(e, statistics.fmean(c[t][e] for c in runs if e in c.get(t, {})))
-                       for e in epochs]  # fmt: skip
+                       for e in epochs]
         per_row.append((r["config"], mean))
     terms = sorted({t for _, m in per_row for t in m})
     if not terms:
@@ -236,19 +236,19 @@ def write_loss_plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
     legend_rows = (len(per_row) + 1) // 2
     height = 3.0 + 0.2 * legend_rows  # inches: the panels, then the legend below them
     fig, axes = plt.subplots(1, len(terms), figsize=(max(7.0, 3.4 * len(terms)), height),
-                             squeeze=False)  # fmt: skip
+                             squeeze=False)
     for ax, term in zip(axes[0], terms, strict=True):
         for i, (label, mean) in enumerate(per_row):  # one colour per row in every panel
             if mean.get(term):
                 ax.plot(*zip(*mean[term], strict=True), marker=".", label=label or "(all)",
-                        color=colours[i % len(colours)])  # fmt: skip
+                        color=colours[i % len(colours)])
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("transfer loss (epoch mean)")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
     fig.legend(handles.values(), handles.keys(), loc="lower center", fontsize=7,
-               ncol=max(1, min(2, len(handles))), frameon=False)  # fmt: skip
+               ncol=max(1, min(2, len(handles))), frameon=False)
     fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1))
     path = out / "report_transfer_losses.png"
     fig.savefig(path, dpi=110)

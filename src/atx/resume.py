@@ -135,7 +135,7 @@ def _step_metrics(trainer: L.Trainer) -> dict[str, Any]:
     steps after the resume)."""
     results = trainer.fit_loop.epoch_loop._results
     return {key: m for key, m in results.items() if m.is_tensor and m.meta.on_epoch
-            and m.meta.fx == "training_step" and not m.has_reset}  # fmt: skip
+            and m.meta.fx == "training_step" and not m.has_reset}
 
 
 def epoch_sums(trainer: L.Trainer) -> dict[str, dict[str, Tensor]]:
@@ -266,7 +266,7 @@ class PreemptionHandover:
 
 
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int, keep_last: int,
-                         teacher: dict[str, str] | None) -> list[Callback]:  # fmt: skip
+                         teacher: dict[str, str] | None) -> list[Callback]:
     """``step-<S>.ckpt`` every ``every_n_steps`` steps (the newest ``keep_last`` kept) and the
     :class:`ResumeState` that makes every checkpoint resumable exactly."""
     callbacks: list[Callback] = [ResumeState(run_dir, teacher)]
@@ -275,7 +275,7 @@ def checkpoint_callbacks(run_dir: Path, every_n_steps: int, keep_last: int,
             dirpath=Path(run_dir) / CHECKPOINT_DIR, filename="step-{step}", monitor="step",
             mode="max", save_top_k=keep_last, every_n_train_steps=every_n_steps,
             auto_insert_metric_name=False, save_on_train_epoch_end=False,
-        ))  # fmt: skip
+        ))
     return callbacks
 
 
@@ -312,7 +312,7 @@ def newest_checkpoint(
         except Exception as e:
             if unreadable is None:
                 print(f"atx: skipping unreadable checkpoint '{path}' ({reason(e)});"
-                      " trying the previous one", file=sys.stderr)  # fmt: skip
+                      " trying the previous one", file=sys.stderr)
             else:
                 unreadable.append((path, reason(e)))
             continue

@@ -52,7 +52,7 @@ MAY_CHANGE = (
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger", "checkpoint",
     "data.root", "data.num_workers", "data.pin_memory", "teacher.checkpoint",
     "figure_images", "figure_every_n_epochs", "speed.allocator",
-)  # fmt: skip
+)
 _held_locks: list[Any] = []  # open lock files, kept for the life of the process
 
 
@@ -95,11 +95,11 @@ def expand_resume_argv(argv: list[str]) -> list[str]:
     recorded = run / STATE_DIR / HYDRA_DIR / "overrides.yaml"
     if not recorded.is_file():
         print(f"atx: error: resume={run}: not an atx run dir (no {recorded.relative_to(run)});"
-              " give the run dir printed by the interrupted run", file=sys.stderr)  # fmt: skip
+              " give the run dir printed by the interrupted run", file=sys.stderr)
         sys.exit(2)
     if any(a in ("-m", "--multirun") for a in argv):
         print("atx: error: resume= continues one run: drop -m (a sweep resumes by re-running"
-              " it with the same hydra.sweep.dir)", file=sys.stderr)  # fmt: skip
+              " it with the same hydra.sweep.dir)", file=sys.stderr)
         sys.exit(2)
     merged: dict[str, str] = {}
     for o in [*(yaml.safe_load(recorded.read_text()) or []), *argv]:
@@ -190,7 +190,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> Claim:
 
 def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
     rank0 = is_rank_zero()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     saved = run_dir / STATE_DIR / "config.yaml"
     resume = cfg.get("resume")
     teacher = configured_teacher(cfg)
@@ -200,7 +200,7 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
         if resume:
             raise AtxError(f"resume={resume}: not an atx run dir (no {STATE_DIR}/config.yaml)")
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name != WANDB_ID_FILE
-                         and not p.name.startswith(".") and p.suffix != ".log")  # fmt: skip
+                         and not p.name.startswith(".") and p.suffix != ".log")
         if foreign:
             raise AtxError(
                 f"run dir '{run_dir}' already holds files not written by an atx run"
@@ -244,12 +244,12 @@ def _claim(cfg: DictConfig, run_dir: Path) -> Claim:
         set_aside(run_dir, unreadable)
         if unreadable and found is None:
             print(f"atx: no readable checkpoint in '{run_dir / CHECKPOINT_DIR}': starting from"
-                  " scratch", file=sys.stderr)  # fmt: skip
+                  " scratch", file=sys.stderr)
         _record(run_dir, config)
         if not wandb_id:
             wandb_id = secrets.token_hex(4)
             _write(id_file, wandb_id)
     if found is not None and rank0:
         print(f"atx: resuming '{run_dir}' from {found[0].name} (epoch {found[1].get('epoch')},"
-              f" step {found[1].get('global_step')})", file=sys.stderr)  # fmt: skip
+              f" step {found[1].get('global_step')})", file=sys.stderr)
     return Claim(wandb_id, found[0] if found else None, teacher)

@@ -55,7 +55,7 @@ def atx_train(args: list[str], cwd: Path | None = None) -> float:
     print(f"$ atx-train {' '.join(args)}", flush=True)
     began = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "atx.train", *args], cwd=cwd,
-                            capture_output=True, text=True)  # fmt: skip
+                            capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"study: atx-train failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - began
@@ -106,7 +106,7 @@ def verdicts(study: Study, rows: dict[str, dict[str, Any]]) -> list[str]:
         gain, margin = base_mean - mean, 2 * max(std, base_std)
         word = "clearly better than" if gain > margin else "not clearly better than"
         lines.append(f"{study.labels.get(label, label)} is {word} the {study.baseline}: "
-                     f"{gain:+.2f} points (2 x the larger std = {margin:.2f})")  # fmt: skip
+                     f"{gain:+.2f} points (2 x the larger std = {margin:.2f})")
     return lines
 
 
@@ -114,7 +114,7 @@ def table(study: Study, rows: dict[str, dict[str, Any]]) -> str:
     """The Markdown table: test error mean ± std over seeds, attention agreement per group."""
     n = len(study.seeds)
     lines = ["| network | runs | test error % (mean ± std) | attention agreement with the "
-             "teacher (per group) |", "|---|---|---|---|"]  # fmt: skip
+             "teacher (per group) |", "|---|---|---|---|"]
     for label, row in rows.items():
         mean, std = row["error"]
         agree = " / ".join(f"{a:.3f}" for a in row["agreement"]) if label != "teacher" else "-"
@@ -164,7 +164,7 @@ def run_study(study: Study, out: Path, teachers: Path) -> str:
     atx_train(["-m", *study.students, f"teacher.checkpoint={teacher_dir}",
                f"distill={','.join(study.methods.values())}",
                f"seed={','.join(str(s) for s in study.seeds)}",
-               f"hydra.sweep.dir={students}"])  # fmt: skip
+               f"hydra.sweep.dir={students}"])
     rows = collect(study, teacher_dir, students)
     from atx.visualize import main as visualize
 
@@ -179,6 +179,6 @@ def run_study(study: Study, out: Path, teachers: Path) -> str:
         f"teacher: {teacher_dir} ({'reused' if reused else f'trained in {teacher_s:.0f} s'})",
         f"students: {students}", f"curves: {curves}", f"attention maps: {out / 'attention.png'}",
         f"total time: {time.perf_counter() - began:.0f} s",
-    ])  # fmt: skip
+    ])
     (out / "table.md").write_text(text + "\n")
     return text

@@ -103,7 +103,7 @@ def train(
         flat_config["layers.student"] = ",".join(s for s, _ in run.pairs)
         flat_config["layers.teacher"] = ",".join(t for _, t in run.pairs)
     loggers = build_loggers(cfg, run_dir, labels or RunLabels(), flat_config,
-                            owner.wandb_id if owner else None)  # fmt: skip
+                            owner.wandb_id if owner else None)
     # data.val_split > 0: the best epoch is chosen on held-out training images, not the test set
     selection = HeldOutSelection() if getattr(run.data, "val_split", 0) > 0 else None
     callbacks = run_callbacks(cfg, run, run_dir, selection)
@@ -118,7 +118,7 @@ def train(
     preemption = PreemptionHandover()  # a Slurm/submitit preemption saves first, then requeues
     try:
         trainer.fit(run.module, datamodule=run.data, weights_only=True,
-                    ckpt_path=owner.checkpoint if owner else None)  # fmt: skip
+                    ckpt_path=owner.checkpoint if owner else None)
     except SIGTERMException:
         finish_wandb(loggers)
         preemption.hand_over()
@@ -126,7 +126,7 @@ def train(
     finally:
         preemption.restore()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if k.startswith(("val/", f"{HELDOUT}/"))}  # fmt: skip
+               if k.startswith(("val/", f"{HELDOUT}/"))}
     if trainer.is_global_zero:
         export(cfg, run, run_dir, trainer, callbacks[0], selection, metrics, loggers)
     finish_wandb(loggers)
@@ -149,13 +149,13 @@ def run_callbacks(
         ),
         LearningRateMonitor(logging_interval="epoch"),
         *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
-                              configured_teacher(cfg)),  # fmt: skip
+                              configured_teacher(cfg)),
     ]
     if selection is not None:
         callbacks.append(selection)
     if run.pairs and cfg.figure_images > 0 and cfg.figure_every_n_epochs > 0:
         callbacks.append(AttentionFigures(run_dir / "attention", cfg.figure_every_n_epochs,
-                                          cfg.figure_images, run.pairs, run.data))  # fmt: skip
+                                          cfg.figure_images, run.pairs, run.data))
     return callbacks
 
 

@@ -79,7 +79,10 @@ def build_model(
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AtxError(f"model '{name}': {key} must be a positive integer, got {value!r}")
-    return entry.builder(num_classes=num_classes, in_channels=in_channels, **options)
+    try:
+        return entry.builder(num_classes=num_classes, in_channels=in_channels, **options)
+    except AtxError as e:  # e.g. a pretrained-weights file: say which network it was for
+        raise AtxError(f"{where}: {e}") from None
 
 
 def layer_group_presets(name: str) -> dict[str, list[str]]:

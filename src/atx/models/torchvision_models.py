@@ -4,15 +4,15 @@ ResNet layer groups for attention transfer are `layer1` ... `layer4` (paper §4.
 Weights are never downloaded: pass `weights_path` to a local torchvision-format state dict.
 """
 
-import difflib
-import pickle
 from pathlib import Path
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 
-from atx.errors import AtxError, reason
+from atx.errors import AtxError
+from atx.files import is_state_dict, read_tensors
+from atx.options import did_you_mean
 
 
 def classification_archs() -> list[str]:
@@ -63,7 +63,7 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
 
 
-def load_weights(model: nn.Module, weights_path: str) -> None:
+def load_pretrained(model: nn.Module, weights_path: str) -> None:
     """Load a torchvision-format state dict from `weights_path` into `model`.
 
     The classifier (last Linear) is skipped when its shape differs (other num_classes), and the
@@ -73,16 +73,8 @@ def load_weights(model: nn.Module, weights_path: str) -> None:
     path = Path(weights_path)
     if not path.is_file():
         raise AtxError(f"weights file '{weights_path}' not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # a pickled object, not plain tensors: never run it
-        raise AtxError(
-            f"refused to load weights file '{weights_path}': it is not a plain tensor checkpoint"
-            f" (weights_only=True rejected it: {reason(e)})"
-        ) from e  # torch's whole text: debug=true
-    except Exception as e:  # any unreadable file is a user error
-        raise AtxError(f"cannot read weights file '{weights_path}': {reason(e)}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = read_tensors(path, "weights file")
+    if not is_state_dict(state):
         raise AtxError(f"weights file '{weights_path}' does not hold a state dict of tensors")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -120,7 +112,7 @@ def pretrained_weights_file(arch: str, weights: str) -> str:
     from torch.hub import get_dir, load_state_dict_from_url
 
     cached = Path(get_dir()) / "checkpoints" / Path(enum.url).name
-    if cached.is_file():  # read once, by load_weights (weights_only, refused if not tensors)
+    if cached.is_file():  # read once, by load_pretrained (weights_only, refused if not tensors)
         return str(cached)
     try:
         load_state_dict_from_url(enum.url, map_location="cpu", progress=False, weights_only=True)
@@ -144,14 +136,13 @@ def torchvision(
 
     Built with `torchvision.models.get_model(arch, weights=None, num_classes=...)`; the first
     3-channel conv is replaced when `in_channels != 3`; `weights_path` loads a local state dict
-    (see `load_weights`: with another num_classes, everything except the classifier is loaded);
+    (see `load_pretrained`: with another num_classes, everything except the classifier is loaded);
     `weights` names torchvision's pretrained weights instead (downloaded when online, see
     `pretrained_weights_file`).
     """
     archs = classification_archs()
     if arch not in archs:
-        close = difflib.get_close_matches(arch, archs, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(arch, archs)
         raise AtxError(f"unknown torchvision classification model '{arch}'{hint}")
     model = tvm.get_model(arch, weights=None, num_classes=num_classes)
     if in_channels != 3:
@@ -161,7 +152,7 @@ def torchvision(
     if weights is not None:
         weights_path = pretrained_weights_file(arch, weights)
     if weights_path is not None:
-        load_weights(model, weights_path)
+        load_pretrained(model, weights_path)
     return model
 
 
