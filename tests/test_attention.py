@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from atx.attention import at_loss, attention_agreement, attention_map, spatial_map
 
@@ -92,7 +93,10 @@ def test_at_loss_code_and_paper_hand_values():
 def test_at_loss_worked_relation_between_reductions():
     torch.manual_seed(0)
     s, t = torch.randn(4, 8, 6, 5), torch.randn(4, 16, 6, 5)  # channel counts may differ
-    d = (attention_map(s) - attention_map(t)).norm(dim=1)  # d_b
+    # q = vec(sum_c A_c^2) / its l2 norm, per sample (Eq. 2), built here from torch ops
+    qs, qt = ((x * x).sum(dim=1).flatten(1) for x in (s, t))
+    qs, qt = qs / qs.norm(dim=1, keepdim=True), qt / qt.norm(dim=1, keepdim=True)
+    d = (qs - qt).norm(dim=1)  # d_b
     hw = 30
     torch.testing.assert_close(at_loss(s, t, reduction="code"), (d**2).mean() / hw)
     torch.testing.assert_close(at_loss(s, t, reduction="paper"), d.mean() / 2)
@@ -108,13 +112,37 @@ def test_at_loss_zero_for_scaled_teacher_and_gradient_finite():
         assert torch.isfinite(g).all()
 
 
+def _ramp_features(h: int, w: int) -> torch.Tensor:
+    """(2, 3, h, w) features whose F^2_sum maps are structured: a diagonal ramp and a blob."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ramp = (1.0 + yy + 2 * xx).float()
+    blob = torch.exp(-((yy - h / 3) ** 2 + (xx - 2 * w / 3) ** 2) / 2.0) + 0.1
+    maps = torch.stack([ramp, blob])  # (2, h, w), each split evenly over 3 channels
+    return (maps / 3).sqrt().unsqueeze(1).expand(2, 3, h, w).contiguous()
+
+
 def test_at_loss_spatial_mismatch_and_interpolation():
     s, t = torch.ones(2, 3, 4, 4), torch.ones(2, 5, 8, 8)
     with pytest.raises(ValueError, match=r"student \(2, 3, 4, 4\) vs teacher \(2, 5, 8, 8\)"):
         at_loss(s, t)
-    # constant maps stay constant when resized: zero distance
-    assert float(at_loss(s, t, interpolate=True)) == pytest.approx(0.0, abs=1e-7)
-    assert float(at_loss(torch.randn(2, 3, 4, 4), t, interpolate=True)) > 0
+    s = _ramp_features(4, 5)
+    t = torch.randn(2, 5, 8, 6, generator=torch.Generator().manual_seed(0))
+    # by hand: the student's map F^2_sum, resized bilinearly (half-pixel centres) to the
+    # teacher's 8x6, then both normalised and compared as the code reduction does
+    s_map = (s * s).sum(dim=1, keepdim=True)
+    up = F.interpolate(s_map, size=(8, 6), mode="bilinear", align_corners=False)
+    qs, qt = up.flatten(1), (t * t).sum(dim=1).flatten(1)
+    qs, qt = qs / qs.norm(dim=1, keepdim=True), qt / qt.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(at_loss(s, t, interpolate=True), (qs - qt).pow(2).mean())
+    # a teacher whose map is exactly that resize is at distance 0; one whose map is the
+    # nearest-neighbour or the corner-aligned resize is not
+    bilinear = up.sqrt().expand(2, 4, 8, 6)
+    assert float(at_loss(s, bilinear, interpolate=True)) == pytest.approx(0.0, abs=1e-7)
+    cosine, _ = attention_agreement(s, bilinear)
+    torch.testing.assert_close(cosine, torch.ones(2))
+    for mode, corners in (("nearest", None), ("bilinear", True)):
+        other = F.interpolate(s_map, size=(8, 6), mode=mode, align_corners=corners)
+        assert float(at_loss(s, other.sqrt(), interpolate=True)) > 1e-5, mode
 
 
 def test_attention_agreement_hand_values():

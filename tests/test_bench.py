@@ -1,11 +1,20 @@
 """scripts/bench.py: its statistics, its baselines' fidelity, and a --quick run of every row."""
 
 import importlib.util
+import json
+import mmap
+import re
+import statistics
+import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from atx.attention import at_loss
 from atx.models import build_model
@@ -96,15 +105,107 @@ def test_raw_loop_takes_the_same_step_as_atx(bench) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+# loss terms each method's step computes, and how many calls each path makes per step (the
+# bare loops call at_loss once per group; atx's AT term covers the three groups in one call)
+LOSSES = {"student": {}, "KD": {"kd": 1}, "AT": {"at": 3}, "AT+KD": {"at": 3, "kd": 1},
+          "F-ActT": {"fact": 1}, "grad-AT": {"grad_at": 1}}  # fmt: skip
+
+
+def expected_per_step(row) -> Counter:
+    """What one timed step of ``row`` runs: forwards, the teacher's input backward, SGD steps."""
+    if row.path == "forward":
+        return Counter({"teacher": 1, "teacher backward": int(row.method == "teacher fwd+bwd")})
+    losses = {k: (1 if row.path == "atx" else n) for k, n in LOSSES[row.method].items()}
+    uses_teacher = row.method != "student"
+    return Counter({"student": 1, "teacher": int(uses_teacher), "opt": 1,
+                    "teacher backward": int(row.method == "grad-AT"), **losses})  # fmt: skip
+
+
+class Counted:
+    """A runner whose every call checks that each timed step ran what its row names."""
+
+    def __init__(self, bench, row, runner, calls: Counter, monkeypatch) -> None:
+        self.row, self.runner, self.calls = row, runner, calls
+        count = self.count
+        if row.path == "authors":  # a functional net: count the calls per weight dict
+            wrn = bench.authors_wrn
+            monkeypatch.setattr(bench, "authors_wrn", lambda ps, *a: (
+                count("student" if ps is runner.ps else "teacher"), wrn(ps, *a))[1])  # fmt: skip
+            for name, key in (("authors_at_loss", "at"), ("authors_distillation", "kd")):
+                fn = getattr(bench, name)
+                monkeypatch.setattr(bench, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1])
+            return
+        nets = runner.module if row.path == "atx" else runner
+        for who in ("student", "teacher"):
+            net = getattr(nets, who, None)
+            if net is not None:
+                net.register_forward_hook(lambda *_, who=who: count(who))
+        if getattr(nets, "teacher", None) is not None:
+            nets.teacher.register_full_backward_hook(lambda *_: count("teacher backward"))
+        if row.path == "atx":
+            for term in runner.module.objective.terms:
+                if term.name != "ce":
+                    fn = term.losses
+                    term.losses = lambda out, fn=fn, key=term.name: (count(key), fn(out))[1]
+        else:
+            for name, key in (("at_loss", "at"), ("kd_loss", "kd")):
+                fn = getattr(bench, name)
+                monkeypatch.setattr(bench, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1])
+
+    def count(self, key: str) -> None:
+        if self.calls.get("runner") == self.row.name:  # only while this row's call runs
+            self.calls[key] += 1
+
+    def __call__(self, steps: int) -> list[float]:
+        self.calls.clear()
+        self.calls["runner"] = self.row.name
+        t0 = time.perf_counter()
+        times = self.runner(steps)
+        wall = time.perf_counter() - t0
+        ran = Counter({k: v for k, v in self.calls.items() if k != "runner" and v})
+        want = Counter({k: v * steps for k, v in expected_per_step(self.row).items() if v})
+        assert ran == want, (self.row.name, steps)
+        assert len(times) == steps and sum(times) <= wall  # each time is one step of this call
+        self.calls.clear()
+        return times
+
+    def cpu_s(self) -> float:
+        return self.runner.cpu_s()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning: no val loader, few workers
-def test_quick_run_prints_every_row_and_ratio(bench, capsys) -> None:
+def test_quick_run_prints_every_row_and_ratio(bench, capsys, monkeypatch) -> None:
+    """Every in-process row's timed steps run the student / teacher forwards, loss terms and
+    SGD steps its name says, once per step; the report lists every row and ratio."""
+    calls: Counter = Counter()
+    counted: list[str] = []
+    make_runner = bench.make_runner
+
+    def counting_runner(row, batches, threads=None):
+        runner = make_runner(row, batches, threads)
+        if row.own_process:  # its steps run in a worker process: out of reach of hooks
+            return runner
+        counted.append(row.name)
+        return Counted(bench, row, runner, calls, monkeypatch)
+
+    monkeypatch.setattr(bench, "make_runner", counting_runner)
+    handle = register_optimizer_step_post_hook(
+        lambda *_: calls.__setitem__("opt", calls["opt"] + 1) if calls.get("runner") else None
+    )
     threads = torch.get_num_threads()
     try:
         assert bench.main(["--quick", "--no-probes"]) == 0
     finally:
+        handle.remove()
         torch.set_num_threads(threads)
+    rows = bench.parse_args(["--quick"]).row_list
+    assert counted == [r.name for r in rows if not r.own_process]
+    assert [r.name for r in rows if r.own_process] == ["AT+KD authors glibc malloc"]
     out = capsys.readouterr().out
-    for row in bench.parse_args(["--quick"]).row_list:
+    for row in rows:
         cells = f"| {row.method} | {row.path} | {row.options or '-'} |"
         assert cells in out, cells
     for label in (
@@ -117,13 +218,109 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys) -> None:
     assert "other load" in out and "in-process wall" in out
 
 
-def test_probe_in_a_fresh_process(bench) -> None:
+def named_rows(label: str) -> tuple[list[str], list[str]]:
+    """The rows a ratio's label names: (numerator, denominator)."""
+    if m := re.fullmatch(r"atx / raw: (\S+)( fastest)?", label):
+        return [f"{m[1]} atx{m[2] or ''}"], [f"{m[1]} raw{m[2] or ''}"]
+    if m := re.fullmatch(r"(\S+) / \(student \+ (teacher forward|teacher fwd\+bwd)\), (\w+)",
+                         label):  # fmt: skip
+        return [f"{m[1]} {m[3]}"], [f"student {m[3]}", m[2]]
+    if m := re.fullmatch(r"(\S+) / student, (\w+)", label):
+        return [f"{m[1]} {m[2]}"], [f"student {m[2]}"]
+    if m := re.fullmatch(r"speed-up vs authors( as released \(glibc malloc\))?: AT\+KD"
+                         r" (float32 NCHW|fastest|fastest, ddp 2 processes) \(target >= .*\)",
+                         label):  # fmt: skip
+        atx = "AT+KD atx" + ("" if m[2] == "float32 NCHW" else f" {m[2]}")
+        return ["AT+KD authors" + (" glibc malloc" if m[1] else "")], [atx]
+    if m := re.fullmatch(r"speed-up of (.+): AT\+KD", label):
+        return ["AT+KD atx"], [f"AT+KD atx {m[1]}"]
+    raise AssertionError(f"ratio label {label!r} names no rows this test knows")
+
+
+def test_every_ratio_divides_the_rows_its_label_names(bench) -> None:
+    """Each ratio is the summed medians of the rows its label names, numerator over
+    denominator: checked with a distinct random median per row, and in the report's table."""
+    g = torch.Generator().manual_seed(0)
+    med = {name: 0.05 + torch.rand(1, generator=g).item() for name in bench.BY_NAME}
+    got = bench.ratios(med)
+    assert set(got) == {label for label, _, _ in bench.RATIOS}
+    for label, value in got.items():
+        num, den = named_rows(label)
+        assert value == pytest.approx(sum(med[n] for n in num) / sum(med[d] for d in den)), label
+    # report(): the ratios of the rows' medians over all their kept steps
+    blocks = [bench.Block("AT atx", 1, [0.30, 0.10], 0.0), bench.Block("AT atx", 2, [0.26], 0.0),
+              bench.Block("AT raw", 1, [0.20], 0.0), bench.Block("student atx", 1, [0.08], 0.0),
+              bench.Block("teacher forward", 1, [0.12], 0.0)]  # fmt: skip
+    table, _ = bench.report(bench.Result(blocks=blocks, batch_size=4))
+    assert f"| atx / raw: AT | {0.26 / 0.20:.3f} |" in table
+    assert f"| AT / (student + teacher forward), atx | {0.26 / (0.08 + 0.12):.3f} |" in table
+    assert "atx / raw: KD" not in table
+
+
+class PageToucher:
+    """A stand-in runner: each step maps fresh anonymous memory and touches every page (one
+    minor fault per 4 KiB page: huge pages off), and reports a known time."""
+
+    MB, TIMES = 32, [0.004, 0.001, 0.003]
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, steps: int) -> list[float]:
+        self.calls.append(steps)
+        for _ in range(steps):
+            with mmap.mmap(-1, self.MB << 20) as m:
+                m.madvise(mmap.MADV_NOHUGEPAGE)
+                for i in range(0, self.MB << 20, mmap.PAGESIZE):
+                    m[i] = 1
+        return self.TIMES[:steps]
+
+
+def test_probe_measures_the_steps_it_times(bench, monkeypatch) -> None:
+    """probe_row: warm-up first, then the timed steps; the median of their times, and the
+    faults and memory rise of steps that touch 32 MB of fresh pages each."""
+    fake = PageToucher()
+    built = []
+    monkeypatch.setattr(bench, "make_runner", lambda row, b: built.append((row, b)) or fake)
+    probe = bench.probe_row(bench.BY_NAME["AT atx"], steps=3, warmup=1, batch_size=4)
+    assert fake.calls == [1, 3] and built[0][0] == bench.BY_NAME["AT atx"]
+    assert [x.shape[0] for x, _ in built[0][1]] == [4, 4]
+    assert probe["ms"] == pytest.approx(statistics.median(PageToucher.TIMES) * 1e3)
+    pages = (PageToucher.MB << 20) // mmap.PAGESIZE
+    assert 0.9 * pages <= probe["faults"] <= 1.5 * pages  # per step
+    assert probe["peak_mb"] >= 0.9 * PageToucher.MB and probe["rss_mb"] > probe["peak_mb"]
+
+
+def test_probe_in_a_fresh_process(bench, monkeypatch) -> None:
+    """run_probe starts this script for the named row and allocator (MALLOC_* env vars only
+    for "env") and returns what that process measured, plus the machine's load."""
     args = bench.parse_args(["--quick"])
+    seen = []
+    run = subprocess.run
+
+    def spy(cmd, env, **kw):
+        seen.append((cmd, env))
+        return run(cmd, env=env, **kw)
+
+    monkeypatch.setattr(bench.subprocess, "run", spy)
     probe = bench.run_probe("AT atx", "mallopt", args)
-    assert probe["ms"] > 0 and probe["faults"] >= 0 and probe["peak_mb"] >= 0
-    assert probe["rss_mb"] > probe["peak_mb"]
+    cmd, env = seen[0]
+    assert cmd[1:] == [str(SCRIPT), "--probe", "AT atx", "--allocator", "mallopt", "--probe-steps",
+                       "2", "--warmup", "1", "--batch-size", "4", "--threads", "1"]  # fmt: skip
+    assert not {*bench.MALLOC_ENV, "ATX_MALLOC"} & set(env)
+    assert set(probe) == {"ms", "faults", "peak_mb", "rss_mb", "load"}
+    assert probe["rss_mb"] > probe["peak_mb"]  # the rise is part of the high-water mark
     text = bench.probe_report({("AT atx", "mallopt"): probe})
     assert "| AT atx | mallopt |" in text
+    printed = {"ms": 1.5, "faults": 2.0, "peak_mb": 3.0, "rss_mb": 4.0}
+    fake = SimpleNamespace(returncode=0, stdout="noise\n" + json.dumps(printed) + "\n")
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, env, **kw: seen.append((cmd, env))
+                        or fake)  # fmt: skip
+    measured = bench.run_probe("AT atx", "env", args)
+    assert {k: v for k, v in measured.items() if k != "load"} == printed
+    assert {k: seen[-1][1][k] for k in bench.MALLOC_ENV} == {
+        k: str(v) for k, v in bench.MALLOC_ENV.items()
+    }
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -137,10 +334,15 @@ def test_ddp_row_runs_blocks_in_two_worker_processes(bench) -> None:
     runner = bench.make_runner(row, bench.make_batches(2, 4), threads=2)
     procs = list(runner.procs)
     try:
-        first, second = runner(2), runner(1)
+        cpu0 = runner.cpu_s()
+        t0 = time.perf_counter()
+        first = runner(2)
+        wall = time.perf_counter() - t0
+        second = runner(1)
         assert len(first) == 2 and len(second) == 1
-        assert all(t > 0 for t in first + second)
-        assert runner.cpu_s() > 0
+        assert sum(first) <= wall  # seconds of steps that ran inside this block
+        assert runner.cpu_s() > cpu0  # the workers' own CPU time, growing as they step
     finally:
         runner.close()
     assert [p.returncode for p in procs] == [0, 0]
+    assert runner.cpu_s() == 0.0  # no workers left to count

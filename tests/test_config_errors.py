@@ -8,21 +8,26 @@ one-line formatter the CLI uses. A few cases run the real ``atx-train`` in a sub
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from configs import compose_cfg
 from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
 
-from atx.config import composition_error_line
+from atx.config import TrainConf, composition_error_line
 from atx.data.base import TensorImageDataModule
 from atx.errors import AtxError
 from atx.models import build_model
-from atx.train import train
+from atx.train import check_config, train
 
 TINY = [
     "trainer.max_epochs=1",
@@ -187,24 +192,38 @@ BAD: list[tuple[str, list[str], str]] = [
 ]  # fmt: skip
 
 
-def first_error(overrides: list[str], run_dir: Path) -> str:
-    """The one-line message a bad config gives, in-process (what atx-train prints after
-    ``atx: error:``)."""
+# Cases Hydra itself refuses while composing; every other case passes composition and fails
+# in atx's start-up checks with an AtxError.
+COMPOSITION = {"unknown key", "unknown optim key", "wrong type", "wrong type list",
+               "unknown model preset", "unknown distill preset"}  # fmt: skip
+
+
+def first_error(overrides: list[str], run_dir: Path) -> tuple[type[Exception], str]:
+    """Where a bad config fails and its one-line message, in-process (what atx-train prints
+    after ``atx: error:``)."""
     own = {o.split("=")[0] for o in overrides}  # a preset of these groups sets its own values
     tiny = [o for o in TINY if not ("trainer" in own and o == "trainer.accelerator=cpu")]
     tiny += [] if "model" in own else ["model.depth=10"]
     try:
         cfg = compose_cfg(tiny + overrides)
     except ConfigCompositionException as e:
-        return composition_error_line(e)
+        return ConfigCompositionException, composition_error_line(e)
     with pytest.raises(AtxError) as info:
         train(cfg, run_dir)
-    return str(info.value)
+    return AtxError, str(info.value)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def has_whole(message: str, text: str) -> bool:
+    """``message`` is in ``text`` and neither begins nor ends in the middle of a word there
+    ('p=0.0 must' does not match inside 'p=0.05 must', 'group1' not inside 'group10')."""
+    left = r"(?<!\w)" if re.match(r"\w", message[:1]) else ""
+    right = r"(?!\w)" if re.match(r"\w", message[-1:]) else ""
+    return re.search(left + re.escape(message) + right, text) is not None
+
+
+@pytest.mark.parametrize(("case", "overrides", "message"), BAD, ids=[c[0] for c in BAD])
 def test_bad_config_is_one_clear_line_before_anything_is_loaded(
-    tmp_path, monkeypatch, ckpts, overrides, message
+    tmp_path, monkeypatch, ckpts, case, overrides, message
 ):
     def no_data(*_args, **_kwargs):
         raise AssertionError("images were decoded before the config error was found")
@@ -212,15 +231,56 @@ def test_bad_config_is_one_clear_line_before_anything_is_loaded(
     monkeypatch.setattr(TensorImageDataModule, "setup", no_data)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    text = first_error([o.format(**ckpts) for o in overrides], run_dir)
-    assert message.format(**ckpts) in text
+    kind, text = first_error([o.format(**ckpts) for o in overrides], run_dir)
+    assert kind is (ConfigCompositionException if case in COMPOSITION else AtxError), kind
+    assert has_whole(message.format(**ckpts), text), text
     assert "\n" not in text
     assert list(run_dir.iterdir()) == []  # no logger, checkpoint or W&B file was started
 
 
-def test_the_table_is_large_and_every_message_distinct():
-    assert len(BAD) >= 25
-    assert len({m for *_, m in BAD}) >= len(BAD) - 2  # the two no-teacher cases share one
+def schema_leaves(schema: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf option of the config schema with its type, e.g. ('optim.lr', float)."""
+    hints = typing.get_type_hints(schema)
+    out = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += schema_leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", hints[f.name]))
+    return out
+
+
+# A value no option of that type accepts: numbers must be finite, the int options here are
+# counts >= 0, words come from a fixed list, milestones are epochs >= 0.
+INVALID: dict[Any, Any] = {float: float("nan"), int: -1, str: "bogus", list[int]: [-1]}
+# Options where every value of their type is valid: free names and seeds; step checkpoints
+# are off for every value <= 0.
+FREE = {"name", "seed", "checkpoint.every_n_steps", "checkpoint.keep_last"}
+CHECKED = [(k, t) for k, t in schema_leaves(TrainConf) if t in INVALID and k not in FREE]
+
+
+@pytest.fixture(scope="module")
+def default_cfg() -> DictConfig:
+    return compose_cfg(["trainer.accelerator=cpu"])
+
+
+@pytest.mark.parametrize(("key", "kind"), CHECKED, ids=[k for k, _ in CHECKED])
+def test_every_number_and_choice_of_the_schema_is_checked_at_start_up(default_cfg, key, kind):
+    """Read from the schema, not from the table above: a new number or choice option that
+    start-up does not check fails here, before a run would use the bad value."""
+    cfg = default_cfg.copy()
+    OmegaConf.update(cfg, key, INVALID[kind], force_add=False)
+    with pytest.raises(AtxError) as info:
+        check_config(cfg)
+    text = str(info.value)
+    assert re.match(rf"{re.escape(key)}=\S", text) and "\n" not in text, text  # names the key
+
+
+def test_the_walk_leaves_out_only_options_with_no_invalid_value_of_their_type():
+    """Every other schema option is walked above: bools, the resume path (checked when read),
+    and the free-form groups and layer lists (checked against classes and models, table)."""
+    skipped = {t for k, t in schema_leaves(TrainConf) if t not in INVALID and k not in FREE}
+    assert skipped <= {bool, Any, list[str], str | None}, skipped
 
 
 # -- the real command line ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The batched CIFAR pipeline: augmentation semantics against the per-image torchvision path,
-the uint8 disk cache, device-resident data, the data benchmark script and a CLI run using them.
+the uint8 disk cache, the data benchmark script and a CLI run using them (device-resident data:
+test_data_device.py).
 
 All on CPU tensors; the statistical checks use seeded generators and tolerances that a wrong
 offset range, a biased offset or a wrong flip rate would exceed.
@@ -13,9 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -139,10 +138,16 @@ def test_same_distribution_as_torchvision_random_crop_flip() -> None:
     assert abs(tf.float().mean().item() - of.float().mean().item()) < 0.07
 
 
-def test_augmentation_keeps_the_device_and_dtype() -> None:
-    x = coords(8)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_augmentation_keeps_the_device_and_dtype(dtype: torch.dtype) -> None:
+    """A batch on another device than the generator's (meta here: no GPU needed) is augmented
+    there: the draws and every index follow the batch, nothing lands on the host."""
+    x = coords(8).to("meta", dtype)
     out = random_crop_flip(x, PAD, generator=torch.Generator().manual_seed(0))
-    assert out.dtype == torch.uint8 and out.device == x.device and out.shape == x.shape
+    assert out.dtype == dtype and out.device.type == "meta" and out.shape == x.shape
+    for flips in (None, torch.ones(8, dtype=torch.bool, device="meta")):
+        offsets = torch.zeros(2, 8, dtype=torch.long, device="meta")
+        assert crop_flip(x, PAD, offsets, flips).device.type == "meta"
 
 
 # --- disk cache --------------------------------------------------------------------------------
@@ -264,73 +269,6 @@ def test_fast_layouts_are_not_cached(tmp_path: Path, user_cache: Path) -> None:
     assert not user_cache.exists()
 
 
-# --- device-resident data ---------------------------------------------------------------------
-def _batches(dm: CIFAR10DataModule, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch as the training step sees it (after the batch hook), from ``seed``."""
-    cpu = SimpleNamespace(root_device=torch.device("cpu"))
-    dm.trainer = SimpleNamespace(training=True, strategy=cpu)
-    dm.setup()
-    torch.manual_seed(seed)
-    return [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]
-
-
-def test_device_resident_serves_the_same_batches(tmp_path: Path) -> None:
-    write_cifar10(tmp_path, n_train=40)
-    on = CIFAR10DataModule(str(tmp_path), batch_size=16, device_resident=True, num_workers=2)
-    off = CIFAR10DataModule(str(tmp_path), batch_size=16, device_resident=False)
-    a, b = _batches(on, seed=7), _batches(off, seed=7)
-    assert len(a) == len(b) == 3
-    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.dtype == torch.float32
-    assert on.x_train.device.type == "cpu"
-    c = _batches(on, seed=8)
-    assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, c, strict=True))
-    # on the CPU the device-resident loader keeps the host settings (workers allowed)
-    assert on.train_dataloader().num_workers == 2
-
-
-def test_device_resident_placement_and_loader(tmp_path: Path) -> None:
-    """``place`` moves the uint8 tensors; a loader over them gathers on their device and is
-    re-buildable with Lightning's DistributedSampler (each rank its own share)."""
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import DistributedSampler
-
-    write_cifar10(tmp_path, n_train=40)
-    dm = CIFAR10DataModule(str(tmp_path), batch_size=8)
-    dm.setup()
-    device = "cuda" if torch.cuda.is_available() else "meta"  # meta: shapes only, no copy
-    dm.place(device)
-    assert dm.x_train.device.type == device and dm.y_val.device.type == device
-    loader = dm.train_dataloader()
-    assert loader.num_workers == 0 and not loader.pin_memory
-    xb, yb = next(iter(loader))
-    assert xb.device.type == device and xb.shape == (8, 3, 32, 32) and xb.dtype == torch.uint8
-    shares = []
-    for rank in (0, 1):
-        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, seed=0)
-        sampler.set_epoch(0)
-        shares.append(list(sampler))
-        n = sum(len(x) for x, _ in _update_dataloader(loader, sampler))
-        assert n == 20
-    assert sorted(shares[0] + shares[1]) == list(range(40))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_resident_on_cuda_matches_host(tmp_path: Path) -> None:
-    write_cifar10(tmp_path, n_train=40)
-    dm = CIFAR10DataModule(str(tmp_path), batch_size=16)
-    dm.setup()
-    torch.manual_seed(0)
-    host = list(dm.train_dataloader())
-    dm.place("cuda")
-    torch.manual_seed(0)
-    resident = list(dm.train_dataloader())
-    assert len(host) == len(resident) == 3
-    for (xh, yh), (xd, yd) in zip(host, resident, strict=True):
-        assert xd.is_cuda and torch.equal(xd.cpu(), xh) and torch.equal(yd.cpu(), yh)
-    assert dm.val_images(2)[0].device.type == "cpu"
-
-
 # --- the benchmark script and the CLI ----------------------------------------------------------
 def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -386,35 +324,3 @@ def test_cli_trains_with_cache_and_device_resident_data(tmp_path: Path) -> None:
     dm = CIFAR10DataModule(str(root))
     dm.setup()
     assert dm.cache_file is not None and dm.cache_file.parent == root / DIR_NAME
-
-
-def test_real_trainer_with_device_resident_data(tmp_path: Path) -> None:
-    """setup() places the data on the trainer's device; training still sees augmented floats."""
-    write_cifar10(tmp_path)
-
-    class Probe(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(3 * 32 * 32, 10)
-            self.seen: list[torch.Tensor] = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch[0])
-            return F.cross_entropy(self.fc(batch[0].flatten(1)), batch[1])
-
-        def validation_step(self, batch, batch_idx):
-            pass
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    dm = CIFAR10DataModule(str(tmp_path), batch_size=10, device_resident=True)
-    model = Probe()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
-    assert len(model.seen) == 2 and all(t.dtype == torch.float32 for t in model.seen)
-    assert dm.x_train.device == trainer.strategy.root_device

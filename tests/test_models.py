@@ -38,10 +38,19 @@ def test_wrn_parameter_counts(depth: int, width: int, count: int) -> None:
     assert n_params(build_model("wrn", 10, depth=depth, width=width)) == count
 
 
-def test_wrn_matches_authors_functional_resnet() -> None:
-    """Same output and group outputs as cifar.py's functional `resnet()` on our parameters."""
+@pytest.mark.parametrize(("depth", "width"), [(10, 2), (16, 1), (40, 2)])
+def test_wrn_matches_authors_functional_resnet(depth: int, width: int) -> None:
+    """Same output and group outputs as cifar.py's functional `resnet()` on our parameters.
+    Depth 10 width 2 has one block a group, each with a 1x1 shortcut; depth 16 width 1 and 40
+    width 2 have several blocks a group, the later ones (and WRN-16-1's first) with identity
+    shortcuts."""
     torch.manual_seed(0)
-    model = build_model("wrn", 10, depth=10, width=2).eval()
+    model = build_model("wrn", 10, depth=depth, width=width).eval()
+    for m in model.modules():  # BN statistics and shifts away from their identity init
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
     p = dict(model.state_dict())
 
     def act(x: torch.Tensor, base: str) -> torch.Tensor:
@@ -56,19 +65,31 @@ def test_wrn_matches_authors_functional_resnet() -> None:
             )
         )
 
-    def block(x: torch.Tensor, base: str, stride: int) -> torch.Tensor:
+    def block(x: torch.Tensor, base: str, stride: int, ni: int, no: int) -> torch.Tensor:
         o1 = act(x, base + ".bn0")
         y = F.conv2d(o1, p[base + ".conv0.weight"], stride=stride, padding=1)
         z = F.conv2d(act(y, base + ".bn1"), p[base + ".conv1.weight"], padding=1)
-        if base + ".convdim.weight" in p:
+        # cifar.py gives a block a 1x1 `convdim` exactly when its width changes
+        assert (base + ".convdim.weight" in p) == (ni != no), base
+        if ni != no:
             return z + F.conv2d(o1, p[base + ".convdim.weight"], stride=stride)
         return z + x
 
-    x = torch.randn(2, 3, 32, 32)
-    g0 = block(F.conv2d(x, p["conv0.weight"], padding=1), "group1.0", 1)
-    g1 = block(g0, "group2.0", 2)
-    g2 = block(g1, "group3.0", 2)
-    o = F.avg_pool2d(act(g2, "bn"), 8, 1, 0).flatten(1)
+    n = (depth - 4) // 6
+    widths = [16 * width, 32 * width, 64 * width]
+
+    def group(o: torch.Tensor, g: int, stride: int) -> torch.Tensor:
+        ni = 16 if g == 0 else widths[g - 1]
+        for i in range(n):
+            o = block(o, f"group{g + 1}.{i}", stride if i == 0 else 1, ni if i == 0 else widths[g],
+                      widths[g])  # fmt: skip
+        return o
+
+    x = torch.randn(2, 3, 16, 16)  # small input: the final pool averages the whole 4x4 map
+    g0 = group(F.conv2d(x, p["conv0.weight"], padding=1), 0, 1)
+    g1 = group(g0, 1, 2)
+    g2 = group(g1, 2, 2)
+    o = F.avg_pool2d(act(g2, "bn"), g2.shape[-1], 1, 0).flatten(1)
     ref = F.linear(o, p["fc.weight"], p["fc.bias"])
 
     outs: dict[str, torch.Tensor] = {}

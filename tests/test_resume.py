@@ -9,13 +9,18 @@ epochs x 6 steps with a step checkpoint every 2 steps:
   again from the epoch-0 end checkpoint to the end.
 
 The interrupted run must end with exactly the reference's weights (deterministic mode).
+A claim on a copy of the killed run checks that the teacher is judged by its file's hash
+(moved: accepted, rewritten in place: refused). The lock, pruning and training on past a
+finished run are in ``test_run_dir.py``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,17 +29,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from configs import compose_cfg
+from run_dirs import release_locks
 from wandb_records import read_records, summarise
 
-from atx import run_dir
 from atx.data.sampler import ResumableRandomSampler
 from atx.errors import AtxError
 from atx.models import build_model
 from atx.resume import AtomicCheckpointIO, newest_checkpoint
-from atx.run_dir import claim_run_dir, expand_resume_argv
-from atx.train import train
+from atx.run_dir import claim_run_dir
 
 ROOT = Path(__file__).parents[1]
 RUN = [
@@ -105,7 +108,7 @@ def runs(tmp_path_factory, teacher_pt) -> dict:
     killed = start([*args, f"hydra.run.dir={run}"])
     signal_at(killed, run / "checkpoints" / "step-2.ckpt", signal.SIGKILL)
     out["killed"] = finish(killed)
-    out["wrong_teacher"] = _wrong_teacher(run, args, teacher_pt)
+    out["teacher_checks"] = _teacher_checks(run, args, teacher_pt)
 
     wandb = {"WANDB_MODE": "offline"}
     terminated = start([f"resume={run}", "logger=wandb"], env=wandb)
@@ -124,15 +127,35 @@ def runs(tmp_path_factory, teacher_pt) -> dict:
     return out
 
 
-def _wrong_teacher(run: Path, args: list[str], teacher_pt: Path) -> str:
-    """Resuming with another teacher file is refused (in process: the claim alone)."""
-    other = teacher_pt.with_name("other.pt")
+def _claim(args: list[str], run: Path) -> str:
+    """In process, the claim alone: the checkpoint it would resume from, or the refusal."""
+    try:
+        claim = claim_run_dir(compose_cfg([*args, f"resume={run}"]), run)
+        return f"resumes from {claim.checkpoint.name}" if claim.checkpoint else "from scratch"
+    except AtxError as e:
+        return f"refused: {e}"
+    finally:
+        release_locks()
+
+
+def _teacher_checks(run: Path, args: list[str], teacher_pt: Path) -> dict[str, str]:
+    """Resume claims on a copy of the killed run (its checkpoint recorded ``teacher_pt``) with
+    the same bytes at another path, then with other bytes at the same path; ``teacher_pt`` is
+    put back before anything else reads it."""
+    copy = run.with_name("teacher_checks")
+    shutil.copytree(run, copy)
+    moved = teacher_pt.with_name("moved.pt")
+    shutil.copyfile(teacher_pt, moved)
+    out = {"moved": _claim([*args, f"teacher.checkpoint={moved}"], copy)}
+    original = teacher_pt.read_bytes()
     state = torch.load(teacher_pt, weights_only=True)
-    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
-    cfg = compose_cfg([*args, f"teacher.checkpoint={other}", f"resume={run}"])
-    with pytest.raises(AtxError) as info:
-        claim_run_dir(cfg, run)
-    return str(info.value)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, teacher_pt)
+    try:
+        out["rewritten_sha256"] = hashlib.sha256(teacher_pt.read_bytes()).hexdigest()
+        out["rewritten"] = _claim(args, copy)
+    finally:
+        teacher_pt.write_bytes(original)
+    return out
 
 
 def test_sigkill_sigterm_and_corrupt_checkpoints_resume_to_the_same_weights(runs):
@@ -159,6 +182,10 @@ def test_sigkill_sigterm_and_corrupt_checkpoints_resume_to_the_same_weights(runs
     metrics = json.loads((runs["run"] / "metrics.json").read_text())
     assert metrics["val/error"] == ref_metrics["val/error"]
     assert metrics["epochs"] == 2
+    # pruned to checkpoint.keep_last (default 2) across both resumes; step-2 is the file the
+    # SIGTERM-ed launch resumed from, which Lightning never deletes
+    assert sorted(p.name for p in (runs["run"] / "checkpoints").glob("step-*.ckpt")) == [
+        "step-10.ckpt", "step-12.ckpt", "step-2.ckpt"]  # fmt: skip
 
 
 def epoch_metrics(run: Path) -> dict[int, dict[str, float]]:
@@ -204,9 +231,16 @@ def test_resumed_runs_continue_one_wandb_run(runs):
     assert ids == {(run / "wandb_id.txt").read_text().strip()}
 
 
-def test_teacher_hash_mismatch_is_refused(runs):
-    message = runs["wrong_teacher"]
-    assert "is not the teacher checkpoint" in message and "give that teacher file" in message
+def test_the_teacher_is_judged_by_its_contents_not_its_path(runs, teacher_pt):
+    checks = runs["teacher_checks"]
+    assert checks["moved"].startswith("resumes from ") and checks["moved"].endswith(".ckpt")
+    message = checks["rewritten"]
+    original = hashlib.sha256(teacher_pt.read_bytes()).hexdigest()
+    assert message.startswith(
+        f"refused: teacher.checkpoint '{teacher_pt.resolve()}' (sha256"
+        f" {checks['rewritten_sha256'][:12]}) is not the teacher checkpoint"
+    )
+    assert f"'{teacher_pt.resolve()}', sha256 {original[:12]}): give that teacher file" in message
 
 
 def test_checkpoints_are_student_sized_with_teacher_identity(runs, teacher_pt):
@@ -218,7 +252,7 @@ def test_checkpoints_are_student_sized_with_teacher_identity(runs, teacher_pt):
     # weights + SGD momentum + loop state: well under what a teacher copy would add
     assert ckpt_path.stat().st_size < 2 * student_bytes + teacher_bytes // 2
     assert ckpt["atx"]["teacher"]["path"] == str(teacher_pt.resolve())
-    assert len(ckpt["atx"]["teacher"]["sha256"]) == 64
+    assert ckpt["atx"]["teacher"]["sha256"] == hashlib.sha256(teacher_pt.read_bytes()).hexdigest()
 
 
 def test_finished_sweep_job_is_skipped_not_overwritten(runs):
@@ -243,58 +277,6 @@ def test_resume_refuses_a_changed_config(runs):
     cfg = compose_cfg([*runs["args"], "distill.at.beta=5", f"resume={runs['run']}"])
     with pytest.raises(AtxError, match=r"distill\.at\.beta=5\.0 differs from the run's"):
         claim_run_dir(cfg, runs["run"])
-
-
-def test_no_readable_checkpoint_starts_over_and_keeps_the_bad_files(tmp_path, capsys):
-    """Every checkpoint unreadable: one line says the run starts from scratch; the bad files
-    are kept in checkpoints/unreadable/, and Lightning writes last.ckpt, not last-v1.ckpt."""
-    cfg = compose_cfg(["model.depth=10", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                       "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                       "data.train_subset=16", "data.val_subset=8", "logger=csv",
-                       "figure_images=0"])  # fmt: skip
-    claim_run_dir(cfg, tmp_path)  # the run started ...
-    while run_dir._held_locks:  # ... and its process died
-        run_dir._held_locks.pop().close()
-    bad = {"last.ckpt": b"PK\x03\x04 torn", "step-2.ckpt": b"\x00" * 64}
-    (tmp_path / "checkpoints").mkdir()
-    for name, content in bad.items():
-        (tmp_path / "checkpoints" / name).write_bytes(content)
-    capsys.readouterr()
-    train(cfg, tmp_path, claim=True)
-    err = capsys.readouterr().err.splitlines()
-    start = f"atx: no readable checkpoint in '{tmp_path / 'checkpoints'}': starting from scratch"
-    assert start in err
-    assert sum("skipping unreadable checkpoint" in line and "; moved to '" in line
-               for line in err) == 2  # fmt: skip
-    names = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
-    assert "last.ckpt" in names and not [n for n in names if "-v" in n], names
-    aside = tmp_path / "checkpoints" / "unreadable"
-    assert {p.name: p.read_bytes() for p in aside.iterdir()} == bad
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
-    while run_dir._held_locks:
-        run_dir._held_locks.pop().close()
-
-
-def test_dir_with_foreign_files_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(AtxError, match="already holds files not written by an atx run"):
-        claim_run_dir(compose_cfg(["logger=csv"]), tmp_path)
-
-
-def test_resume_argv_takes_the_runs_overrides(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATX_RESUME_EXPANDED", "")  # recorded, so it is unset again afterwards
-    monkeypatch.delenv("ATX_RESUME_EXPANDED")
-    (tmp_path / ".atx" / ".hydra").mkdir(parents=True)
-    (tmp_path / ".atx" / ".hydra" / "overrides.yaml").write_text(
-        yaml.safe_dump(["model.depth=10", "trainer.max_epochs=2", f"resume={tmp_path}"])
-    )
-    argv = expand_resume_argv([f"resume={tmp_path}", "trainer.max_epochs=5"])
-    assert argv == ["model.depth=10", "trainer.max_epochs=5", f"resume={tmp_path.resolve()}",
-                    f"hydra.run.dir={tmp_path.resolve()}"]  # fmt: skip
-    assert expand_resume_argv(argv) == argv  # DDP ranks re-run the expanded command line
-    monkeypatch.delenv("ATX_RESUME_EXPANDED")
-    with pytest.raises(SystemExit):
-        expand_resume_argv([f"resume={tmp_path / 'nothing'}"])
 
 
 def test_sampler_matches_random_sampler_and_resumes_mid_epoch():
@@ -375,14 +357,3 @@ def test_launcher_preemption_signal_saves_first_then_requeues(runs, tmp_path):
     assert code == 0, err[-2000:]
     reference = torch.load(runs["sweep"] / "0" / "student.pt", weights_only=True)
     assert all(torch.equal(v, student(run)[k]) for k, v in reference.items())
-
-
-def test_config_of_an_older_atx_resumes_with_new_keys_at_their_defaults() -> None:
-    from atx.run_dir import differences
-
-    old = {"optim": {"lr": 0.1}, "data": {"root": "a"}}
-    new = {"optim": {"lr": 0.1, "recipe": "standard"}, "data": {"root": "a", "val_split": 0}}
-    assert differences(old, new) == []
-    assert differences(old, {**new, "optim": {"lr": 0.2, "recipe": "standard"}}) == [
-        ("optim.lr", 0.1, 0.2)
-    ]

@@ -18,10 +18,12 @@ from configs import compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.modules.batchnorm import _BatchNorm
 from wandb_records import summarise
 
 from atx import build
-from atx.cluster import GpuClaim, check_launcher_matches_trainer, sync_batchnorm
+from atx.cluster import GpuClaim, check_launcher_matches_trainer
 from atx.errors import AtxError
 from atx.models import build_model
 from atx.train import CONF_DIR, train
@@ -195,11 +197,45 @@ def test_ddp_spawn_inside_a_local_sweep(tmp_path):
     assert metrics["selected/epoch"] == 0 and metrics["selected/test_error"] == metrics["val/error"]
 
 
-def test_sync_batchnorm_converts_the_student_only():
-    student = build_model("wrn", num_classes=10, depth=10, width=1)
-    converted = sync_batchnorm(student)
-    kinds = {type(m) for m in converted.modules()}
-    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+class _Wrapped(Exception):
+    """Raised where DDP would wrap the module: the BN kinds of the module as the strategy set it
+    up (read there: on the way out Lightning's teardown reverts any layer sync it applied)."""
+
+
+def bn_kinds(model: torch.nn.Module) -> set[type]:
+    return {type(m) for m in model.modules() if isinstance(m, _BatchNorm)}
+
+
+def test_sync_batchnorm_converts_the_student_only(tmp_path, monkeypatch):
+    """trainer.sync_batchnorm=true under a real DDP strategy (1 CPU process, gloo), with a
+    teacher: the student's BN becomes SyncBatchNorm, the frozen teacher's stays BatchNorm2d
+    (Lightning's own switch, applied in the strategy's setup, would convert the teacher too)."""
+    teacher_pt = tmp_path / "teacher.pt"
+    torch.save(build_model("wrn", num_classes=10, in_channels=1, depth=10, width=2).state_dict(),
+               teacher_pt)  # fmt: skip
+    # SyncBatchNorm needs GPUs to train (refused up front on the CPU, tested below) and torch's
+    # DDP wrapper refuses it on CPU modules: the run stops where DDP would wrap the module, after
+    # the strategy applied any layer sync
+    monkeypatch.setattr("atx.train.check_sync_batchnorm", lambda trainer: None)
+
+    def wrap(strategy: DDPStrategy, model: torch.nn.Module) -> torch.nn.Module:
+        raise _Wrapped({"student": bn_kinds(model.student), "teacher": bn_kinds(model.teacher)})
+
+    monkeypatch.setattr(DDPStrategy, "_setup_model", wrap)
+    cfg = compose_cfg([*FAST, "logger=csv", "trainer.sync_batchnorm=true", "trainer.strategy=ddp",
+                       "trainer.devices=1", "distill=at", "teacher=wrn_16_2", "teacher.depth=10",
+                       f"teacher.checkpoint={teacher_pt}"])  # fmt: skip
+    environ = dict(os.environ)  # DDP sets LOCAL_RANK, MASTER_PORT...: later runs must not see them
+    try:
+        with pytest.raises(_Wrapped) as wrapped:
+            train(cfg, tmp_path / "run")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    (kinds,) = wrapped.value.args
+    assert kinds == {"student": {torch.nn.SyncBatchNorm}, "teacher": {torch.nn.BatchNorm2d}}
 
 
 def test_sync_batchnorm_on_the_cpu_is_refused_before_training(tmp_path):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from configs import compose_cfg
 from layouts import write_image_folder
 from omegaconf import OmegaConf
@@ -64,26 +68,142 @@ def check_png(path: Path, rows: int, cols: int) -> None:
     assert w / h == pytest.approx(CELL * cols / (CELL * rows + 0.6), rel=0.01)
 
 
-def test_wrn_teacher_and_students(runs, tmp_path, capsys):
+# --- reading the maps back out of the PNG ------------------------------------------------------
+JET = (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.float32)
+TOL = 0.03  # decoded jet colours are 1/256 steps; jet's flat stretches cost about 0.014 more
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """Every matplotlib figure atx.visualize closes, kept to locate its cells in the PNG."""
+    kept: list = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (kept.append(fig), close(fig))[1])
+    return kept
+
+
+def cell_values(png: Path, fig, row: int, col: int, n: int = 32) -> np.ndarray:
+    """The value in [0, 1] each of the n x n map pixels of grid cell (row, col) shows, read by
+    matching its centre colour to the nearest jet entry (imshow upsamples ~4x with 'nearest',
+    so block centres hold pure colours); the outer ring, under the axes frame, is dropped."""
+    img = np.asarray(Image.open(png).convert("RGB")).astype(np.float32)
+    h_px, w_px = img.shape[:2]
+    cols = len(fig.axes) // len({round(a.get_position().y0, 4) for a in fig.axes})
+    box = fig.axes[row * cols + col].get_position()
+    xs = box.x0 * w_px + (np.arange(n) + 0.5) * box.width * w_px / n
+    ys = (1 - box.y1) * h_px + (np.arange(n) + 0.5) * box.height * h_px / n
+    pixels = img[ys.astype(int)][:, xs.astype(int)]
+    dist = ((pixels[:, :, None] - JET[None, None]) ** 2).sum(-1)
+    assert dist.min(-1)[1:-1, 1:-1].max() < 9, "a map cell holds colours that are not jet's"
+    return ((dist.argmin(-1) + 0.5) / 256)[1:-1, 1:-1]
+
+
+def load_net(run: Path) -> torch.nn.Module:
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    model = build_network(cfg.model, "model", 10, 3)
+    model.load_state_dict(torch.load(run / "student.pt", weights_only=True))
+    return model.eval()
+
+
+def expected_maps(run: Path, layers: list[str], x: torch.Tensor, p: float, mode: str) -> list:
+    """Eq. 2's normalised F_mode^p of each layer, bilinearly resized to the image, (B, H, W):
+    computed here from forward hooks, not by atx.visualize."""
+    model, feats = load_net(run), {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, _i, out, n=n: feats.__setitem__(n, out)) for n in layers]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    out = []
+    for name in layers:
+        a = feats[name].abs().pow(p)
+        q = a.sum(1) if mode == "sum" else a.amax(1)
+        q = q / q.flatten(1).norm(dim=1).view(-1, 1, 1)
+        out.append(F.interpolate(q[:, None], size=x.shape[-2:], mode="bilinear")[:, 0])
+    return out
+
+
+def expected_grad(run: Path, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|dCE/dx| summed over the channels, over its per-image maximum."""
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(load_net(run)(x), y), x)
+    g = g.abs().sum(1)
+    return g / g.flatten(1).amax(1).view(-1, 1, 1)
+
+
+def images(data_root: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dm = CIFAR10DataModule(str(data_root))
+    x, y = dm.val_images(n)
+    return dm.normalize(x), y
+
+
+def check_maps(png: Path, fig, maps: dict[str, list], n_images: int) -> None:
+    """Column 1 + g * len(maps) + j shows network j's map of group g on the group's scale:
+    0 .. the largest value any network's map of that group has on that image."""
+    labels = list(maps)
+    for i in range(n_images):
+        for g in range(len(maps[labels[0]])):
+            vmax = max(float(maps[lb][g][i].max()) for lb in labels)
+            for j, lb in enumerate(labels):
+                shown = cell_values(png, fig, i, 1 + g * len(labels) + j)
+                want = maps[lb][g][i].numpy()[1:-1, 1:-1] / vmax
+                assert np.abs(shown - want).max() < TOL, (lb, i, g)
+
+
+WRN = ["group1", "group2", "group3"]
+
+
+def test_wrn_teacher_and_students(runs, data_root, tmp_path, capsys, figures):
     out = tmp_path / "figs" / "wrn.png"
-    argv = [str(runs["teacher"]), str(runs["student"]), str(runs["student_at"])]
-    assert main([*argv, "--images", "3", "--out", str(out)]) == 0
+    names = ["teacher", "student", "student_at"]
+    assert main([*(str(runs[n]) for n in names), "--images", "3", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     check_png(out, rows=3, cols=1 + 3 * 3)  # input + 3 groups x 3 networks
+    x, _ = images(data_root, 3)
+    maps = {n: expected_maps(runs[n], WRN, x, 2.0, "sum") for n in names}
+    check_maps(out, figures[-1], maps, 3)
+    # the scale is shared: where the networks' peaks differ, only one cell reaches the top
+    peaks = [[cell_values(out, figures[-1], i, 1 + 3 * g + j).max() for j in range(3)]
+             for i in range(3) for g in range(3)]  # fmt: skip
+    assert any(min(p) < 0.9 for p in peaks)
 
 
-def test_grad_adds_one_column_per_network(runs, tmp_path):
+def test_grad_columns_and_the_max_mode(runs, data_root, tmp_path, figures):
+    names = ["teacher", "student_at"]
+    argv = [*(str(runs[n]) for n in names), "--images", "2", "--p", "1"]
     out = tmp_path / "grad.png"
-    argv = [str(runs["teacher"]), str(runs["student_at"]), "--images", "2", "--grad"]
-    assert main([*argv, "--p", "1", "--mode", "max", "--out", str(out)]) == 0
+    assert main([*argv, "--grad", "--mode", "max", "--out", str(out)]) == 0
     check_png(out, rows=2, cols=1 + (3 + 1) * 2)
+    x, y = images(data_root, 2)
+    max_maps = {n: expected_maps(runs[n], WRN, x, 1.0, "max") for n in names}
+    check_maps(out, figures[-1], max_maps, 2)
+    for j, n in enumerate(names):  # the last two columns: |dL/dx| on its own 0..1 scale
+        grad = expected_grad(runs[n], x, y)
+        for i in range(2):
+            shown = cell_values(out, figures[-1], i, 1 + 3 * 2 + j)
+            assert np.abs(shown - grad[i].numpy()[1:-1, 1:-1]).max() < TOL, (n, i)
+            for col in range(1, 1 + 3 * 2):  # and unlike any activation map beside it
+                assert np.abs(shown - cell_values(out, figures[-1], i, col)).mean() > 0.05
+    out_sum = tmp_path / "sum.png"
+    assert main([*argv, "--mode", "sum", "--out", str(out_sum)]) == 0
+    sum_maps = {n: expected_maps(runs[n], WRN, x, 1.0, "sum") for n in names}
+    check_maps(out_sum, figures[-1], sum_maps, 2)
+    diffs = [np.abs(cell_values(out, figures[-2], i, c) - cell_values(out_sum, figures[-1], i, c))
+             for i in range(2) for c in range(1, 1 + 3 * 2)]  # fmt: skip
+    assert min(d.mean() for d in diffs) > 0.02  # F_max^1 and F_sum: every cell differs
 
 
-def test_resnet18_presets_and_explicit_layers(runs, tmp_path):
+def test_resnet18_presets_and_explicit_layers(runs, tmp_path, figures):
     out = tmp_path / "resnet.png"
     argv = [str(runs["resnet"]), str(runs["resnet"]), "--images", "2", "--out", str(out)]
     assert main(argv) == 0  # layer1..layer4, same run twice: labels disambiguated
     check_png(out, rows=2, cols=1 + 4 * 2)
+    for i in range(2):  # the same map on the shared scale: the same colours in both columns
+        for g in range(4):
+            a, b = (cell_values(out, figures[-1], i, 1 + 2 * g + j) for j in (0, 1))
+            assert np.array_equal(a, b) and a.max() > 0.99  # both peak at the top colour
+            assert g > 0 or a.min() < 0.9  # layer1 (8x8) is no flat fill; layer4 is 1x1
     out = tmp_path / "last2.png"
     argv = [str(runs["resnet"]), str(runs["resnet"]), "--layers", "layer3", "layer4"]
     assert main([*argv, "--images", "2", "--split", "train", "--out", str(out)]) == 0

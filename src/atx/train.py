@@ -144,9 +144,11 @@ def run_callbacks(
             filename="best-epoch{epoch}",
             monitor=f"{HELDOUT}/error" if selection else "val/error",
             mode="min",
-            save_last=True,
             auto_insert_metric_name=False,
         ),
+        # last.ckpt at every epoch end: Lightning 2.6's save_last=True writes it only at epochs
+        # that saved a best-epoch file, and a resume starts from the newest checkpoint
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None),
         LearningRateMonitor(logging_interval="epoch"),
         *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                               configured_teacher(cfg)),
