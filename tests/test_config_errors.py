@@ -23,11 +23,13 @@ from configs import compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from atx.config import TrainConf, composition_error_line
+from atx.checks import check_config
+from atx.config import composition_error_line, train_schema
 from atx.data.base import TensorImageDataModule
 from atx.errors import AtxError
 from atx.models import build_model
-from atx.train import check_config, train
+from atx.options import Choice
+from atx.train import train
 
 TINY = [
     "trainer.max_epochs=1",
@@ -92,7 +94,8 @@ BAD: list[tuple[str, list[str], str]] = [
     ("unknown model name", ["model.name=wrm"], "model: unknown model 'wrm'"),
     ("unknown teacher name", ["distill=kd", *T, "teacher.name=wrm"],
      "teacher: unknown model 'wrm'; known models: "),
-    ("unknown model option", ["+model.depht=16"], "model 'wrn' has no option 'depht'"),
+    ("unknown model option", ["+model.depht=16"],
+     "unknown option 'model.depht' (did you mean 'model.depth'?); valid options: depth, dropout,"),
     ("unknown data option", ["+data.batchsize=3"],
      "unknown option 'data.batchsize' (did you mean 'data.batch_size'?)"),
     ("unknown trainer option", ["+trainer.max_epoch=3"],
@@ -126,14 +129,15 @@ BAD: list[tuple[str, list[str], str]] = [
      "distill.fact.beta=inf must be a finite number >= 0"),
     ("p zero", ["distill=at", "distill.at.p=0"], "distill.at.p=0.0 must be a finite number > 0"),
     ("map mode", ["distill=at", "distill.at.mode=mean"],
-     "distill.at.mode='mean' is unknown; use sum or max"),
+     "distill.at.mode=mean: Invalid value 'mean', expected one of [sum, max]"),
     ("kd alpha", ["distill=kd", "distill.kd.alpha=1.5"], "distill.kd.alpha=1.5 must lie in [0, 1]"),
     ("kd temperature", ["distill=kd", "distill.kd.temperature=0"],
      "distill.kd.temperature=0.0 must be a finite number > 0"),
     ("kd scale", ["distill=kd", "distill.kd.scale=mean"],
-     "distill.kd.scale='mean' is unknown; use batchmean or jan2017"),
+     "distill.kd.scale=mean: Invalid value 'mean', expected one of [batchmean, jan2017]"),
     ("schedule kind", ["distill=at_kd", "distill.at.schedule.kind=cosine"],
-     "distill.at.schedule.kind='cosine' is unknown; use constant, step or linear"),
+     "distill.at.schedule.kind=cosine: Invalid value 'cosine', expected one of [constant, step,"
+     " linear]"),
     ("schedule milestones", ["distill=at_kd", "distill.at.schedule.milestones=[5,2]"],
      "distill.at.schedule.milestones=[5, 2] must be strictly increasing epochs >= 0"),
     # -- layer groups -----------------------------------------------------------------------
@@ -143,7 +147,7 @@ BAD: list[tuple[str, list[str], str]] = [
      " distill.at.student_layers and distill.at.teacher_layers of equal length"),
     ("student layer name", [*AT, "distill.at.student_layers=[grup1]",
                             "distill.at.teacher_layers=[group1]"],
-     "student has no layer named 'grup1' (did you mean group1"),
+     "student has no layer named 'grup1' (did you mean 'group1'"),
     ("teacher layer name lists the valid names", [*AT, "distill.at.student_layers=[group1]",
                                                   "distill.at.teacher_layers=[block1]"],
      "teacher has no layer named 'block1'; its top-level layers are: conv0, group1, group2,"
@@ -165,7 +169,7 @@ BAD: list[tuple[str, list[str], str]] = [
     ("nesterov without momentum", ["optim.nesterov=true", "optim.momentum=0"],
      "optim.nesterov=true needs optim.momentum > 0"),
     ("optimiser recipe", ["optim.recipe=paper"],
-     "optim.recipe='paper' is unknown; use authors or standard"),
+     "optim.recipe=paper: Invalid value 'paper', expected one of [standard, authors]"),
     ("batch size", ["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
     ("negative held-out split", ["data.val_split=-1"],
      "data.val_split=-1 must be a whole number of training images to hold out, at least 0"),
@@ -185,7 +189,8 @@ BAD: list[tuple[str, list[str], str]] = [
      f" {CORES} cores: set trainer.devices<={CORES}"),
     ("precision (Lightning's own check)", ["trainer.precision=17"],
      "trainer: Precision 17 is invalid. Allowed precision values:"),
-    ("nan policy", ["nan_policy=halt"], "nan_policy='halt' is unknown; use stop or skip"),
+    ("nan policy", ["nan_policy=halt"],
+     "nan_policy=halt: Invalid value 'halt', expected one of [stop, skip]"),
     ("nan skip on several devices",
      ["nan_policy=skip", "trainer.strategy=ddp", "trainer.devices=2"],
      "nan_policy=skip works on one device only"),
@@ -195,7 +200,8 @@ BAD: list[tuple[str, list[str], str]] = [
 # Cases Hydra itself refuses while composing; every other case passes composition and fails
 # in atx's start-up checks with an AtxError.
 COMPOSITION = {"unknown key", "unknown optim key", "wrong type", "wrong type list",
-               "unknown model preset", "unknown distill preset"}  # fmt: skip
+               "unknown model preset", "unknown distill preset", "map mode", "kd scale",
+               "schedule kind", "optimiser recipe", "nan policy"}
 
 
 def first_error(overrides: list[str], run_dir: Path) -> tuple[type[Exception], str]:
@@ -238,6 +244,10 @@ def test_bad_config_is_one_clear_line_before_anything_is_loaded(
     assert list(run_dir.iterdir()) == []  # no logger, checkpoint or W&B file was started
 
 
+def is_choice(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Choice)
+
+
 def schema_leaves(schema: type, prefix: str = "") -> list[tuple[str, Any]]:
     """Every leaf option of the config schema with its type, e.g. ('optim.lr', float)."""
     hints = typing.get_type_hints(schema)
@@ -256,7 +266,9 @@ INVALID: dict[Any, Any] = {float: float("nan"), int: -1, str: "bogus", list[int]
 # Options where every value of their type is valid: free names and seeds; step checkpoints
 # are off for every value <= 0.
 FREE = {"name", "seed", "checkpoint.every_n_steps", "checkpoint.keep_last"}
-CHECKED = [(k, t) for k, t in schema_leaves(TrainConf) if t in INVALID and k not in FREE]
+CHECKED = [(k, t) for k, t in schema_leaves(train_schema()) if t in INVALID and k not in FREE]
+# options with a fixed set of values (atx.options.Choice): refused while Hydra composes
+CHOICES = [(k, t) for k, t in schema_leaves(train_schema()) if is_choice(t)]
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +291,19 @@ def test_every_number_and_choice_of_the_schema_is_checked_at_start_up(default_cf
 def test_the_walk_leaves_out_only_options_with_no_invalid_value_of_their_type():
     """Every other schema option is walked above: bools, the resume path (checked when read),
     and the free-form groups and layer lists (checked against classes and models, table)."""
-    skipped = {t for k, t in schema_leaves(TrainConf) if t not in INVALID and k not in FREE}
+    leaves = schema_leaves(train_schema())
+    skipped = {t for k, t in leaves if t not in INVALID and k not in FREE and not is_choice(t)}
     assert skipped <= {bool, Any, list[str], str | None}, skipped
+
+
+@pytest.mark.parametrize(("key", "kind"), CHOICES, ids=[k for k, _ in CHOICES])
+def test_every_choice_of_the_schema_is_refused_while_composing(key, kind):
+    """A bad value of a choice fails in Hydra's composition, as one line listing the values."""
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg([f"{key}=bogus"])
+    line = composition_error_line(info.value)
+    values = ", ".join(kind.values())
+    assert line == f"{key}=bogus: Invalid value 'bogus', expected one of [{values}]"
 
 
 # -- the real command line ---------------------------------------------------------------------
@@ -299,7 +322,7 @@ def test_cli_prints_exactly_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()]  # exactly one line
     assert result.stderr.startswith(
-        "atx: error: Error merging override distill.at.beta=abc: Value 'abc' of type 'str'"
+        "atx: error: distill.at.beta=abc: Value 'abc' of type 'str'"
     )
     assert "Traceback" not in result.stderr + result.stdout
 

@@ -15,16 +15,10 @@ from atx.gradient_attention import (
     min_l2_loss,
     symmetry_loss,
 )
-from atx.losses import (
-    CrossEntropy,
-    GradientAT,
-    MinL2,
-    Objective,
-    Schedule,
-    SymmetryNorm,
-)
+from atx.losses import Objective, Schedule
 from atx.models import build_model
 from atx.module import DistillModule, bn_stats_frozen
+from atx.terms import CrossEntropy, GradientAT, MinL2, SymmetryNorm
 
 
 def tiny_net(seed: int = 0, dtype=torch.float64) -> nn.Module:

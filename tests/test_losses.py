@@ -6,17 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from atx.losses import (
-    AttentionTransfer,
-    CrossEntropy,
-    FullActivationTransfer,
-    KnowledgeDistillation,
-    Objective,
-    Schedule,
-    StepOutputs,
-    fact_loss,
-    kd_loss,
-)
+from atx.losses import Objective, Schedule, StepOutputs, fact_loss, kd_loss
+from atx.terms import AttentionTransfer, CrossEntropy, FullActivationTransfer, KnowledgeDistillation
 
 # p_t = softmax([ln 3, 0]) = [3/4, 1/4], p_s = [1/2, 1/2]:
 # KL(p_t || p_s) = 3/4 ln(3/2) + 1/4 ln(1/2)

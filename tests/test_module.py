@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from atx.checkpoints import load_weights
 from atx.errors import AtxError
 from atx.features import LayerTaps, check_layer_names
-from atx.losses import AttentionTransfer, CrossEntropy, KnowledgeDistillation, Objective, Schedule
+from atx.losses import Objective, Schedule
 from atx.models import build_model
-from atx.module import DistillModule
+from atx.module import Agreement, DistillModule, FinetuneConf
+from atx.terms import AttentionTransfer, CrossEntropy, KnowledgeDistillation
 
 PAIRS = [("group1", "group1"), ("group2", "group2"), ("group3", "group3")]
 
@@ -32,10 +33,7 @@ def tiny_module(train_teacher_bn: bool = True) -> DistillModule:
             AttentionTransfer(Schedule(1000.0), PAIRS),
         ]
     )
-    layers = [s for s, _ in PAIRS]
-    return DistillModule(
-        student, objective, 10, teacher=teacher, student_layers=layers, teacher_layers=layers
-    )
+    return DistillModule(student, objective, 10, teacher=teacher)
 
 
 def loader(n: int = 16) -> DataLoader:
@@ -126,12 +124,12 @@ def test_finetune_freezes_bn_and_named_layers(tmp_path):
     torch.manual_seed(0)
     student = build_model("wrn", num_classes=10, depth=10, width=1)
     objective = Objective([CrossEntropy(Schedule(1.0))])
-    module = DistillModule(student, objective, 10, frozen_layers=["conv0", "group1"],
-                           freeze_bn=True)  # fmt: skip
+    finetune = FinetuneConf(frozen_layers=["conv0", "group1"], freeze_bn=True)
+    module = DistillModule(student, objective, 10, finetune=finetune)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+                        default_root_dir=tmp_path)
     trainer.fit(module, loader(), loader())
     after = student.state_dict()
     for k, v in after.items():
@@ -142,12 +140,12 @@ def test_finetune_freezes_bn_and_named_layers(tmp_path):
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimised == {id(p) for p in student.parameters() if p.requires_grad}
     with pytest.raises(AtxError, match="student has no layer named 'layer1'"):
-        DistillModule(student, objective, 10, frozen_layers=["layer1"])
+        DistillModule(student, objective, 10, finetune=FinetuneConf(frozen_layers=["layer1"]))
 
 
 def _validate(module: DistillModule, tmp_path) -> dict[str, float]:
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+                        enable_model_summary=False, default_root_dir=tmp_path)
     (metrics,) = trainer.validate(module, loader(32), verbose=False)
     return metrics
 
@@ -159,7 +157,7 @@ def test_attention_agreement_is_one_for_the_teacher_itself_and_rises_with_at(tmp
     twin.load_state_dict(teacher.state_dict())
     twin.eval()  # the same function as the frozen teacher
     same = DistillModule(twin, Objective([CrossEntropy(Schedule(1.0))]), 10, teacher=teacher,
-                         agreement_pairs=PAIRS)  # fmt: skip
+                         agreement=Agreement(PAIRS))
     same.train = lambda mode=True: same  # keep the twin in eval mode during validate
     metrics = _validate(same, tmp_path)
     for group, _ in PAIRS:
@@ -168,14 +166,12 @@ def test_attention_agreement_is_one_for_the_teacher_itself_and_rises_with_at(tmp
 
     student = build_model("wrn", num_classes=10, depth=10, width=1)
     objective = Objective([CrossEntropy(Schedule(1.0)), AttentionTransfer(Schedule(3e3), PAIRS)])
-    layers = [s for s, _ in PAIRS]
-    module = DistillModule(student, objective, 10, teacher=teacher, student_layers=layers,
-                           teacher_layers=layers, agreement_pairs=PAIRS)  # fmt: skip
+    module = DistillModule(student, objective, 10, teacher=teacher, agreement=Agreement(PAIRS))
     before = _validate(module, tmp_path)
     assert all(before[f"val/agreement/{g}"] < 0.99 for g, _ in PAIRS)  # a random student
     trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+                        limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, loader(32))
     after = _validate(module, tmp_path)
     for group, _ in PAIRS:

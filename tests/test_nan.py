@@ -14,10 +14,11 @@ import pytest
 import torch
 from configs import compose_cfg
 
-from atx.losses import AttentionTransfer, CrossEntropy, Objective, Schedule, StepOutputs, Term
+from atx.losses import Objective, Schedule, StepOutputs, Term
 from atx.models import build_model
 from atx.module import DistillModule
 from atx.numerics import NanGuard, NonFiniteLoss, describe_nonfinite
+from atx.terms import AttentionTransfer, CrossEntropy
 from atx.train import train
 
 TINY = ["model.depth=10", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",

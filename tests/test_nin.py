@@ -16,9 +16,9 @@ import torch
 import yaml
 from torch import nn
 
-from atx.config import OptimConf
 from atx.data.fashion_mnist import DEBIAN_ROOT, FashionMNISTDataModule, read_idx
 from atx.models import build_model
+from atx.optim import OptimConf
 
 EXPERIMENTS = Path(__file__).parents[1] / "conf" / "experiment"
 TABLE3 = ("t3_nin_thin-nin_wide", "t3_nin_thin-nin_wide_at", "cifar10_teacher_nin_wide_nobn")

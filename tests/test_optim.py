@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from atx.config import OptimConf
-from atx.losses import CrossEntropy, Objective, Schedule
+from atx.losses import Objective, Schedule
 from atx.module import DistillModule
-from atx.optim import sgd_step_decay
+from atx.optim import OptimConf, sgd_step_decay
+from atx.terms import CrossEntropy
 
 
 def buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -15,8 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from atx.attention import at_loss
-from atx.build import build_schedule, resolve_layers
+from atx.build import resolve_layers
 from atx.data import CIFAR10DataModule
+from atx.losses import Schedule
 
 EXPERIMENTS = Path(__file__).parents[1] / "conf" / "experiment"
 
@@ -138,7 +139,7 @@ def test_kd_at_kd_and_fact_presets():
     d = cfg_of("t1_wrn_16_1-wrn_16_2", "at_kd").distill
     assert (d.at.beta, d.at.p, d.at.mode) == (1000.0, 2.0, "sum")
     for term in (d.at, cfg_of("t1_wrn_16_1-wrn_16_2", "fact").distill.fact):
-        weight = build_schedule(term.beta, term.schedule, "distill", 200)
+        weight = Schedule.from_conf(term.beta, term.schedule, 200)
         assert weight(0) == term.beta > 0 and weight(199) < weight(100) < weight(0)
 
 

@@ -20,16 +20,18 @@ from unittest import mock
 
 import pytest
 import yaml
+from configs import compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from atx.options import accepted_kwargs
+from atx.checks import check_config
 from atx.config import train_schema
 from atx.models import _entry
-from atx.train import CONF_DIR, check_config, check_sweep
+from atx.options import accepted_kwargs
+from atx.train import CONF_DIR, check_sweep
 
 README = Path(__file__).parents[1] / "README.md"
 GROUPS = [*sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name[0] != "_"),
@@ -280,11 +282,11 @@ def test_every_readme_option_composes_with_its_presets(composer) -> None:
 @pytest.mark.parametrize("group", ["model", "teacher"])
 def test_model_presets_list_every_architecture_option(group: str) -> None:
     """So ``model.<option>=`` works from the shell for every model preset (no ``+``)."""
-    weights = {"weights_path", "weights"} if group == "teacher" else set()
     for preset in presets(group):
-        node = yaml.safe_load((CONF_DIR / group / f"{preset}.yaml").read_text())
+        # composed: a teacher preset is its model preset (Hydra defaults) plus the checkpoint
+        node = OmegaConf.to_container(compose_cfg([f"{group}={preset}"])[group])
         params = inspect.signature(_entry(node["name"]).builder).parameters
-        options = set(params) - {"num_classes", "in_channels", *weights}
+        options = set(params) - {"num_classes", "in_channels"}
         listed = set(node) - {"name", "checkpoint"}
         assert options - {"arch"} <= listed <= options, f"conf/{group}/{preset}.yaml"
 

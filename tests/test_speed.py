@@ -21,20 +21,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from atx.attention import at_loss, attention_map
-from atx.config import SpeedConf
 from atx.errors import AtxError
-from atx.losses import (
+from atx.losses import Objective, Schedule
+from atx.models import build_model
+from atx.module import DistillModule
+from atx.speed import COMPILE_FALLBACK, SpeedConf, configure_allocator
+from atx.terms import (
     AttentionTransfer,
     CrossEntropy,
     FullActivationTransfer,
     GradientAT,
     KnowledgeDistillation,
-    Objective,
-    Schedule,
 )
-from atx.models import build_model
-from atx.module import DistillModule
-from atx.speed import COMPILE_FALLBACK, configure_allocator
 from atx.train import train
 
 PAIRS = [("group1", "group1"), ("group2", "group2"), ("group3", "group3")]
@@ -50,11 +48,10 @@ def wrn_module(speed: SpeedConf, fact: bool = False) -> DistillModule:
     with torch.no_grad():
         teacher(torch.randn(16, 3, 16, 16) * 2 + 1)  # train-mode pass: running stats move
     terms = [CrossEntropy(Schedule(0.1)), KnowledgeDistillation(Schedule(0.9)),
-             AttentionTransfer(Schedule(1000.0), PAIRS)]  # fmt: skip
+             AttentionTransfer(Schedule(1000.0), PAIRS)]
     if fact:
         terms.append(FullActivationTransfer(Schedule(10.0), PAIRS, [(16, 32), (32, 64), (64, 128)]))
-    return DistillModule(student, Objective(terms), 10, teacher=teacher, student_layers=LAYERS,
-                         teacher_layers=LAYERS, speed=speed)  # fmt: skip
+    return DistillModule(student, Objective(terms), 10, teacher=teacher, speed=speed)
 
 
 def batch(size: int = 8, hw: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +140,7 @@ def tiny_net(width: int) -> nn.Sequential:
         group1=nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                              nn.ReLU()),
         pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(width, 10),
-    ))  # fmt: skip
+    ))
 
 
 def tiny_module(speed: SpeedConf, grad_at: bool = False) -> DistillModule:
@@ -151,10 +148,8 @@ def tiny_module(speed: SpeedConf, grad_at: bool = False) -> DistillModule:
     student, teacher = tiny_net(4), tiny_net(8)
     terms = [CrossEntropy(Schedule(0.1)), KnowledgeDistillation(Schedule(0.9))]
     terms.append(GradientAT(Schedule(10.0)) if grad_at
-                 else AttentionTransfer(Schedule(1000.0), [("group1", "group1")]))  # fmt: skip
-    layers = ["group1"]
-    return DistillModule(student, Objective(terms), 10, teacher=teacher, student_layers=layers,
-                         teacher_layers=layers, speed=speed)  # fmt: skip
+                 else AttentionTransfer(Schedule(1000.0), [("group1", "group1")]))
+    return DistillModule(student, Objective(terms), 10, teacher=teacher, speed=speed)
 
 
 def test_compile_gives_the_same_step_and_taps_still_work() -> None:
@@ -176,7 +171,7 @@ def test_compile_gives_the_same_step_and_taps_still_work() -> None:
     assert_same_step(fast, plain, rtol=1e-5, grad_rtol=1e-4)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)  # fmt: skip
+                        limit_val_batches=0)
     x, y = batch(8, 8)
     trainer.fit(fast, DataLoader(TensorDataset(x, y), batch_size=4))  # the real loop, compiled
     assert trainer.global_step == 2 and "train/loss" in trainer.callback_metrics
@@ -214,7 +209,7 @@ ALLOC_PROBE = textwrap.dedent("""
 def allocator_probe(switch: str, env: dict[str, str]) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ATX_MALLOC"))}
     out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, switch], env={**clean, **env},
-                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+                         capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
 
 
@@ -263,7 +258,7 @@ def test_train_with_speed_options_end_to_end(
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "logger=csv", "figure_images=0", "speed.channels_last=true",
         f"speed.teacher_precision={teacher_precision}", "speed.teacher_inference_mode=true",
-    ])  # fmt: skip
+    ])
     before = torch.backends.cudnn.benchmark
     try:
         metrics = train(cfg, tmp_path / "run")

@@ -16,9 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from atx import build
-from atx.losses import CrossEntropy, Objective, Schedule
+from atx.losses import Objective, Schedule
 from atx.models import build_model
-from atx.module import DistillModule
+from atx.module import Agreement, DistillModule
+from atx.terms import CrossEntropy
 from atx.train import CONF_DIR, train
 
 TINY = [
@@ -48,7 +49,7 @@ GROUPS = ("group1", "group2", "group3")
 def validate(module: DistillModule, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """The logged metrics of one real validation pass over (x, y) in batches of 4."""
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+                        enable_model_summary=False)
     trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=4), verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -163,7 +164,7 @@ def test_a_teacher_agrees_with_itself(teacher_dir):
     teacher = build_model("wrn", num_classes=10, depth=10, width=2)
     teacher.load_state_dict(torch.load(teacher_dir / "student.pt", weights_only=True))
     module = DistillModule(copy.deepcopy(teacher), Objective([CrossEntropy(Schedule(1.0))]), 10,
-                           teacher=teacher, agreement_pairs=[(g, g) for g in GROUPS])  # fmt: skip
+                           teacher=teacher, agreement=Agreement([(g, g) for g in GROUPS]))
     x = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     metrics = validate(module, x, torch.arange(10))
     for group in GROUPS:
@@ -194,7 +195,7 @@ def test_a_teacher_kept_for_metrics_changes_nothing_in_training(tmp_path, teache
     """Same seed, with and without a (metrics-only) teacher: the same batches, the same student."""
     data = cifar_overrides(tmp_path / "data", "folder")
     runs = {"plain": [], "with_teacher": ["teacher=wrn_16_2", "teacher.depth=10",
-                                          f"teacher.checkpoint={teacher_dir}"]}  # fmt: skip
+                                          f"teacher.checkpoint={teacher_dir}"]}
     for name, extra in runs.items():
         (tmp_path / name).mkdir()
         train(compose_cfg(TINY + data + extra), tmp_path / name)
@@ -229,7 +230,7 @@ def test_top5_error_equals_a_hand_count():
     logits.scatter_(1, orders, torch.arange(100, 0, -1.0).expand(len(ranks), 100))
     labels = orders.gather(1, ranks[:, None]).squeeze(1)
     metrics = validate(DistillModule(nn.Identity(), Objective([CrossEntropy(Schedule(1.0))]), 100),
-                       logits, labels)  # fmt: skip
+                       logits, labels)
     assert metrics["val/error_top5"] == pytest.approx(40.0)  # ranks 5, 6, 50, 99: 4 of 10
     assert metrics["val/error"] == pytest.approx(80.0)  # all but the two rank-0 labels
 
@@ -255,7 +256,7 @@ def test_every_term_at_once(tmp_path, teacher_dir):
         "distill=at_kd", "teacher=wrn_16_2", "teacher.depth=10",
         f"teacher.checkpoint={teacher_dir}", "distill.fact.beta=10", "distill.grad_at.beta=10",
         "distill.symmetry.beta=10", "distill.min_l2.beta=1", "distill.fact.student_layers=last",
-    ])  # fmt: skip
+    ])
     (tmp_path / "run").mkdir()
     train(cfg, tmp_path / "run")
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]

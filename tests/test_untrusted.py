@@ -81,9 +81,8 @@ def test_teacher_checkpoint_is_refused(tmp_path, kind):
     (tmp_path / "run").mkdir()
     with pytest.raises(AtxError) as info:
         train(cfg, tmp_path / "run")
-    assert f"refused to load checkpoint '{target if kind != 'run dir' else target / STUDENT_FILE}'" in str(
-        info.value
-    )
+    file = target if kind != "run dir" else target / STUDENT_FILE
+    assert f"refused to load checkpoint '{file}'" in str(info.value)
     assert REFUSED in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()
 
@@ -133,7 +132,8 @@ def test_visualize_refuses_a_run_with_a_poisoned_student(tmp_path, capsys):
     code = visualize_main([str(r) for r in runs] + ["--out", str(tmp_path / "grid.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith(f"atx-visualize: error: refused to load checkpoint '{runs[1] / STUDENT_FILE}'")
+    refused = f"refused to load checkpoint '{runs[1] / STUDENT_FILE}'"
+    assert err.startswith(f"atx-visualize: error: {refused}")
     assert "\n" not in err and not marker.exists() and not (tmp_path / "grid.png").exists()
 
 
@@ -144,8 +144,9 @@ def test_resume_skips_a_poisoned_checkpoint_and_lightning_refuses_it(tmp_path, c
     ``atx.train`` calls it) refuses it too."""
     import lightning as L
 
-    from atx.losses import CrossEntropy, Objective, Schedule
+    from atx.losses import Objective, Schedule
     from atx.module import DistillModule
+    from atx.terms import CrossEntropy
 
     ckpt_dir = tmp_path / "checkpoints"
     module = DistillModule(build_model("wrn", 10, 1, depth=10), Objective([CrossEntropy(

@@ -89,6 +89,7 @@ def composition_error_line(error: BaseException) -> str:
     text = str(error).split("Config search path:")[0]
     options = [ln.strip() for ln in text.splitlines() if ln.startswith("\t")]
     head = [ln.strip().rstrip(".:") for ln in text.splitlines() if ln.strip()]
+    head = [ln.removeprefix("Error merging override ") for ln in head]
     head = [ln for ln in head if ln not in options]
     cause = error.__cause__
     if cause is not None:  # an OmegaConf error: unknown key or a value of the wrong type
