@@ -6,7 +6,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.atx-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install fashion-mnist demo test lint bench bench-data clean-outputs
+.PHONY: install fashion-mnist demo test test-fast lint bench bench-data clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,14 @@ demo: install fashion-mnist  ## teacher, then plain / AT / AT+KD students over 3
 
 test: install fashion-mnist  ## the whole test suite (CPU, offline, < 10 min on 2 cores)
 	$(PY) -m pytest
+
+# the edit loop: the paper's math, configs and presets, errors, the builder and its layers
+FAST := tests/test_attention.py tests/test_losses.py tests/test_gradient_attention.py \
+        tests/test_models.py tests/test_optim.py tests/test_report.py tests/test_presets.py \
+        tests/test_config_errors.py tests/test_errors.py tests/test_architecture.py \
+        tests/test_golden.py tests/test_new_term.py
+test-fast: install fashion-mnist  ## math, configs, errors, builder (under 2 min on 2 cores)
+	$(PY) -m pytest $(FAST)
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

@@ -95,7 +95,7 @@ def write_fashion(root: Path, gz: bool = True, n_train: int = 12, n_test: int = 
         rng.integers(0, 10, n_test).astype(np.uint8),
     )
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")  # fmt: skip
+             "t10k-labels-idx1-ubyte")
     for stem, a in zip(stems, arrays, strict=True):
         write_idx(root / (stem + (".gz" if gz else "")), a)
     return arrays

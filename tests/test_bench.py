@@ -108,7 +108,7 @@ def test_raw_loop_takes_the_same_step_as_atx(bench) -> None:
 # loss terms each method's step computes, and how many calls each path makes per step (the
 # bare loops call at_loss once per group; atx's AT term covers the three groups in one call)
 LOSSES = {"student": {}, "KD": {"kd": 1}, "AT": {"at": 3}, "AT+KD": {"at": 3, "kd": 1},
-          "F-ActT": {"fact": 1}, "grad-AT": {"grad_at": 1}}  # fmt: skip
+          "F-ActT": {"fact": 1}, "grad-AT": {"grad_at": 1}}
 
 
 def expected_per_step(row) -> Counter:
@@ -118,7 +118,7 @@ def expected_per_step(row) -> Counter:
     losses = {k: (1 if row.path == "atx" else n) for k, n in LOSSES[row.method].items()}
     uses_teacher = row.method != "student"
     return Counter({"student": 1, "teacher": int(uses_teacher), "opt": 1,
-                    "teacher backward": int(row.method == "grad-AT"), **losses})  # fmt: skip
+                    "teacher backward": int(row.method == "grad-AT"), **losses})
 
 
 class Counted:
@@ -130,7 +130,7 @@ class Counted:
         if row.path == "authors":  # a functional net: count the calls per weight dict
             wrn = bench.authors_wrn
             monkeypatch.setattr(bench, "authors_wrn", lambda ps, *a: (
-                count("student" if ps is runner.ps else "teacher"), wrn(ps, *a))[1])  # fmt: skip
+                count("student" if ps is runner.ps else "teacher"), wrn(ps, *a))[1])
             for name, key in (("authors_at_loss", "at"), ("authors_distillation", "kd")):
                 fn = getattr(bench, name)
                 monkeypatch.setattr(bench, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1])
@@ -223,13 +223,13 @@ def named_rows(label: str) -> tuple[list[str], list[str]]:
     if m := re.fullmatch(r"atx / raw: (\S+)( fastest)?", label):
         return [f"{m[1]} atx{m[2] or ''}"], [f"{m[1]} raw{m[2] or ''}"]
     if m := re.fullmatch(r"(\S+) / \(student \+ (teacher forward|teacher fwd\+bwd)\), (\w+)",
-                         label):  # fmt: skip
+                         label):
         return [f"{m[1]} {m[3]}"], [f"student {m[3]}", m[2]]
     if m := re.fullmatch(r"(\S+) / student, (\w+)", label):
         return [f"{m[1]} {m[2]}"], [f"student {m[2]}"]
     if m := re.fullmatch(r"speed-up vs authors( as released \(glibc malloc\))?: AT\+KD"
                          r" (float32 NCHW|fastest|fastest, ddp 2 processes) \(target >= .*\)",
-                         label):  # fmt: skip
+                         label):
         atx = "AT+KD atx" + ("" if m[2] == "float32 NCHW" else f" {m[2]}")
         return ["AT+KD authors" + (" glibc malloc" if m[1] else "")], [atx]
     if m := re.fullmatch(r"speed-up of (.+): AT\+KD", label):
@@ -250,7 +250,7 @@ def test_every_ratio_divides_the_rows_its_label_names(bench) -> None:
     # report(): the ratios of the rows' medians over all their kept steps
     blocks = [bench.Block("AT atx", 1, [0.30, 0.10], 0.0), bench.Block("AT atx", 2, [0.26], 0.0),
               bench.Block("AT raw", 1, [0.20], 0.0), bench.Block("student atx", 1, [0.08], 0.0),
-              bench.Block("teacher forward", 1, [0.12], 0.0)]  # fmt: skip
+              bench.Block("teacher forward", 1, [0.12], 0.0)]
     table, _ = bench.report(bench.Result(blocks=blocks, batch_size=4))
     assert f"| atx / raw: AT | {0.26 / 0.20:.3f} |" in table
     assert f"| AT / (student + teacher forward), atx | {0.26 / (0.08 + 0.12):.3f} |" in table
@@ -306,7 +306,7 @@ def test_probe_in_a_fresh_process(bench, monkeypatch) -> None:
     probe = bench.run_probe("AT atx", "mallopt", args)
     cmd, env = seen[0]
     assert cmd[1:] == [str(SCRIPT), "--probe", "AT atx", "--allocator", "mallopt", "--probe-steps",
-                       "2", "--warmup", "1", "--batch-size", "4", "--threads", "1"]  # fmt: skip
+                       "2", "--warmup", "1", "--batch-size", "4", "--threads", "1"]
     assert not {*bench.MALLOC_ENV, "ATX_MALLOC"} & set(env)
     assert set(probe) == {"ms", "faults", "peak_mb", "rss_mb", "load"}
     assert probe["rss_mb"] > probe["peak_mb"]  # the rise is part of the high-water mark
@@ -315,7 +315,7 @@ def test_probe_in_a_fresh_process(bench, monkeypatch) -> None:
     printed = {"ms": 1.5, "faults": 2.0, "peak_mb": 3.0, "rss_mb": 4.0}
     fake = SimpleNamespace(returncode=0, stdout="noise\n" + json.dumps(printed) + "\n")
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, env, **kw: seen.append((cmd, env))
-                        or fake)  # fmt: skip
+                        or fake)
     measured = bench.run_probe("AT atx", "env", args)
     assert {k: v for k, v in measured.items() if k != "load"} == printed
     assert {k: seen[-1][1][k] for k in bench.MALLOC_ENV} == {

@@ -69,7 +69,7 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
         assert ("train/at/group1_epoch" in run["history_keys"]) == (layers == "all")
         assert run["images"] >= 1  # the attention figure
     assert seen == {(b, p, s) for b in (500.0, 1000.0) for p in (1.0, 2.0)
-                    for s in ("all", "['group3']")}  # fmt: skip
+                    for s in ("all", "['group3']")}
     assert len(run_ids) == 8
     # atx-report on the real sweep: one row per (beta, p, layers), plots against beta and p
     rows = report(sweep)
@@ -113,7 +113,7 @@ def test_missing_teacher_checkpoint_is_one_line(tmp_path):
 
 def test_multirun_with_in_process_ddp_stops_at_start_up(tmp_path):
     result = atx_train(["-m", "trainer.strategy=ddp", "trainer.devices=2", "seed=0,1",
-                        f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)  # fmt: skip
+                        f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)
     assert result.returncode == 2
     assert "atx: error: -m with trainer.strategy=ddp" in result.stderr
     assert "ddp_spawn" in result.stderr and "Traceback" not in result.stderr

@@ -1,4 +1,4 @@
-"""Bad configs fail at start-up with one line naming the key and the fix (issue 7).
+"""Bad configs fail at start-up with one line naming the key and the fix.
 
 Every case of the table composes the real config and runs ``atx.train.train`` in-process; a
 case must fail before any image is decoded and before anything is written into the run dir.
@@ -194,7 +194,7 @@ BAD: list[tuple[str, list[str], str]] = [
     ("nan skip on several devices",
      ["nan_policy=skip", "trainer.strategy=ddp", "trainer.devices=2"],
      "nan_policy=skip works on one device only"),
-]  # fmt: skip
+]
 
 
 # Cases Hydra itself refuses while composing; every other case passes composition and fails
@@ -312,7 +312,7 @@ def atx_train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "atx.train", *args, f"hydra.run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
         env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
-    )  # fmt: skip
+    )
 
 
 def test_cli_prints_exactly_one_line_and_exits_2(tmp_path):

@@ -324,7 +324,7 @@ def test_real_trainer_calls_the_hook(tmp_path: Path) -> None:
         accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    )
     trainer.fit(model, datamodule=dm)
     assert len(model.seen["train"]) == 2 and len(model.seen["val"]) == 1
     assert all(t.dtype == torch.float32 for v in model.seen.values() for t in v)

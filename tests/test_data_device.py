@@ -117,7 +117,7 @@ def test_real_trainer_with_device_resident_data(tmp_path: Path, monkeypatch) -> 
         accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    )
     trainer.fit(model, datamodule=dm)
     assert len(model.seen) == 2 and all(t.dtype == torch.float32 for t in model.seen)
     assert placed and set(placed) == {trainer.strategy.root_device}
@@ -130,7 +130,7 @@ def test_setup_places_the_data_on_the_trainers_device(tmp_path: Path, resident: 
     crops, flips and normalises on that device."""
     write_cifar10(tmp_path, n_train=40)
     dm = CIFAR10DataModule(str(tmp_path), batch_size=8, device_resident=resident, val_split=10,
-                           num_workers=2, pin_memory=True)  # fmt: skip
+                           num_workers=2, pin_memory=True)
     meta = SimpleNamespace(root_device=torch.device("meta"))
     dm.trainer = SimpleNamespace(training=True, strategy=meta)
     dm.setup()

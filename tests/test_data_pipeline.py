@@ -125,14 +125,14 @@ def test_same_distribution_as_torchvision_random_crop_flip() -> None:
     tv = transforms.Compose(
         [transforms.RandomCrop(SIZE, padding=PAD, padding_mode="reflect"),
          transforms.RandomHorizontalFlip()]
-    )  # fmt: skip
+    )
     base = coords(1)[0]
     ref = torch.stack([tv(base) for _ in range(n)])
     ours = random_crop_flip(coords(n), PAD, generator=torch.Generator().manual_seed(2))
     (ty, tx, tf), (oy, ox, of) = recover(ref), recover(ours)
     for a, b in ((ty, oy), (tx, ox)):
         table = np.stack([np.bincount(a.numpy(), minlength=N_OFFSETS),
-                          np.bincount(b.numpy(), minlength=N_OFFSETS)])  # fmt: skip
+                          np.bincount(b.numpy(), minlength=N_OFFSETS)])
         expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
         assert ((table - expected) ** 2 / expected).sum() < CHI2_DF8
     assert abs(tf.float().mean().item() - of.float().mean().item()) < 0.07
@@ -276,7 +276,7 @@ def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "scripts" / "bench_data.py"), "--quick", "--json", str(out),
          "--options", "channels_last"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
     data = json.loads(out.read_text())
@@ -315,7 +315,7 @@ def test_cli_trains_with_cache_and_device_resident_data(tmp_path: Path) -> None:
         "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "logger=csv", "figure_images=0",
         f"hydra.run.dir={tmp_path}/run",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -19,7 +19,7 @@ def run(out: Path, devices: int, kind: str) -> None:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), kind],
-                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

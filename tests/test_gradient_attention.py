@@ -100,7 +100,7 @@ def test_transfer_gradient_matches_gradcheck_in_float64():
         xs = x.clone().requires_grad_(True)
         logits = functional_call(student, dict(zip(names, weights, strict=True)), (xs,))
         j_s = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs,
-                                  create_graph=True)[0]  # fmt: skip
+                                  create_graph=True)[0]
         return 0.5 * (j_s - j_t).flatten(1).pow(2).sum(1).mean()
 
     assert torch.autograd.gradcheck(loss_of_weights, params, eps=1e-6, atol=1e-5)
@@ -170,7 +170,7 @@ def test_symmetry_pass_updates_bn_running_stats_once():
     out = sym._student_outputs(x, y)
     assert out.flipped_input_grad is not None
     for (name, a), (_, b) in zip(plain.student.named_buffers(), sym.student.named_buffers(),
-                                 strict=True):  # fmt: skip
+                                 strict=True):
         assert torch.equal(a, b), name
     bn = next(m for m in sym.student.modules() if isinstance(m, nn.BatchNorm2d))
     with bn_stats_frozen(sym.student):

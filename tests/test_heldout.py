@@ -86,7 +86,7 @@ def test_tensor_module_holds_out_before_the_subset(tmp_path: Path):
     x_tr, y_tr, _, _ = write_cifar10(tmp_path, n_train=60, n_test=10)
     full = torch.from_numpy(x_tr.reshape(-1, 3, 32, 32))
     dm = CIFAR10DataModule(str(tmp_path), batch_size=8, val_split=12, split_seed=1,
-                           train_subset=30)  # fmt: skip
+                           train_subset=30)
     dm.setup()
     held = dm.heldout_index
     assert len(dm.x_heldout) == 12 and len(dm.x_train) == 30
@@ -103,7 +103,7 @@ def test_tensor_module_holds_out_before_the_subset(tmp_path: Path):
     # the same held-out images without the subset and for another subset seed
     for other in (CIFAR10DataModule(str(tmp_path), val_split=12, split_seed=1),
                   CIFAR10DataModule(str(tmp_path), val_split=12, split_seed=1, seed=7,
-                                    train_subset=20)):  # fmt: skip
+                                    train_subset=20)):
         other.setup()
         assert torch.equal(other.heldout_index, held)
     other = CIFAR10DataModule(str(tmp_path), val_split=12, split_seed=2)
@@ -119,7 +119,7 @@ def test_the_run_seed_does_not_move_the_held_out_set(tmp_path: Path):
     held = []
     for seed in (0, 1):
         cfg = compose_cfg(["data=cifar10", f"data.root={tmp_path}", "data.val_split=10",
-                           f"seed={seed}"])  # fmt: skip
+                           f"seed={seed}"])
         torch.manual_seed(seed)
         data = build.build_data(cfg)
         data.setup()
@@ -152,14 +152,14 @@ def test_image_folder_module_holds_out_with_the_eval_transform(tmp_path: Path):
 def validated(selection: HeldOutSelection, epoch: int, heldout: float, test: float) -> None:
     metrics = {"heldout/error": torch.tensor(heldout), "val/error": torch.tensor(test)}
     trainer = SimpleNamespace(callback_metrics=metrics, sanity_checking=False,
-                              current_epoch=epoch, global_step=10 * (epoch + 1))  # fmt: skip
+                              current_epoch=epoch, global_step=10 * (epoch + 1))
     selection.on_validation_end(trainer, None)
 
 
 def test_selection_takes_the_first_epoch_of_lowest_held_out_error_and_resumes():
     selection = HeldOutSelection()
     sanity = SimpleNamespace(callback_metrics={"heldout/error": torch.tensor(0.0)},
-                             sanity_checking=True)  # fmt: skip
+                             sanity_checking=True)
     selection.on_validation_end(sanity, None)  # the sanity check is not an epoch
     for epoch, heldout, test in [(0, 50.0, 40.0), (1, 30.0, 35.0), (2, 30.0, 20.0)]:
         validated(selection, epoch, heldout, test)
@@ -169,7 +169,7 @@ def test_selection_takes_the_first_epoch_of_lowest_held_out_error_and_resumes():
     assert resumed.summary() == {
         "selected/epoch": 1, "selected/step": 20, "selected/heldout_error": 30.0,
         "selected/test_error": 35.0, "best/val_error": 10.0,
-    }  # fmt: skip
+    }
 
 
 def test_a_real_run_reports_the_test_error_of_the_held_out_best_epoch(tmp_path: Path):
@@ -180,7 +180,7 @@ def test_a_real_run_reports_the_test_error_of_the_held_out_best_epoch(tmp_path: 
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "trainer.num_sanity_val_steps=0", "logger=csv", "figure_images=0",
         "checkpoint.every_n_steps=0",
-    ])  # fmt: skip
+    ])
     run = tmp_path / "run"
     run.mkdir()
     train(cfg, run)
@@ -211,7 +211,7 @@ def test_report_shows_the_test_error_at_the_held_out_best_epoch(tmp_path: Path):
 
     for seed, selected in enumerate([10.0, 12.0, 14.0]):
         run(f"a{seed}", ["data.val_split=5000"], seed,
-            {"val/error": 9.0, "best/val_error": 8.0, "selected/test_error": selected})  # fmt: skip
+            {"val/error": 9.0, "best/val_error": 8.0, "selected/test_error": selected})
     run("b0", ["data.val_split=0"], 0, {"val/error": 7.0, "best/val_error": 6.0})
     rows = {r["config"]: r for r in report(tmp_path)}
     a = rows["data.val_split=5000"]

@@ -82,7 +82,7 @@ def test_wrn_matches_authors_functional_resnet(depth: int, width: int) -> None:
         ni = 16 if g == 0 else widths[g - 1]
         for i in range(n):
             o = block(o, f"group{g + 1}.{i}", stride if i == 0 else 1, ni if i == 0 else widths[g],
-                      widths[g])  # fmt: skip
+                      widths[g])
         return o
 
     x = torch.randn(2, 3, 16, 16)  # small input: the final pool averages the whole 4x4 map
@@ -182,18 +182,18 @@ def test_registry() -> None:
     with pytest.raises(AtxError) as e:
         build_model("wrm", 10)
     assert str(e.value) == (
-        "unknown model 'wrm'; known models: nin, resnet18, resnet34, torchvision, wrn"
+        "model: unknown model 'wrm'; known models: nin, resnet18, resnet34, torchvision, wrn"
         " (did you mean 'wrn'?)"
     )
     with pytest.raises(AtxError) as e:
         build_model("wrn", 10, depht=16)
     assert str(e.value) == (
-        "model 'wrn' has no option 'depht'; its options are: depth, width, dropout"
-        " (did you mean 'depth'?)"
+        "unknown option 'model.depht' (did you mean 'model.depth'?); valid options: depth,"
+        " dropout, width"
     )
-    with pytest.raises(AtxError, match="option 'depth' must be int, got str '16'"):
+    with pytest.raises(AtxError, match="model.depth must be int, got str '16'"):
         build_model("wrn", 10, depth="16")
-    with pytest.raises(AtxError, match="model 'torchvision' needs option 'arch'"):
+    with pytest.raises(AtxError, match=r"model.arch is not set: pass model.arch=<value>"):
         build_model("torchvision", 10)
     with pytest.raises(AtxError, match="did you mean 'resnet18'"):
         build_model("torchvision", 10, arch="resnet19")

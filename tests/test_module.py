@@ -115,7 +115,8 @@ def test_layer_taps_release_and_name_errors():
     taps.remove()
     model(torch.randn(1, 3, 16, 16))
     assert taps.outputs() == {}
-    with pytest.raises(AtxError, match=r"student has no layer named 'grop2' \(did you mean group2"):
+    message = r"student has no layer named 'grop2' \(did you mean 'group2'"
+    with pytest.raises(AtxError, match=message):
         check_layer_names(model, ["grop2"], "student")
 
 

@@ -1,4 +1,4 @@
-"""Numerical faults (issue 7): a NaN/inf loss stops the run naming the step, the term and the
+"""Numerical faults: a NaN/inf loss stops the run naming the step, the term and the
 layer group, before the optimiser step, so the checkpoints on disk keep the last good weights;
 ``nan_policy=skip`` drops such steps instead (and stops after ``nan_skip_limit`` in a row)."""
 
@@ -24,7 +24,7 @@ from atx.train import train
 TINY = ["model.depth=10", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
         "trainer.num_sanity_val_steps=0", "data.batch_size=8", "data.train_subset=16",
-        "data.val_subset=8", "logger=csv", "figure_images=0"]  # fmt: skip
+        "data.val_subset=8", "logger=csv", "figure_images=0"]
 STEPS_PER_EPOCH = 2  # 16 images, batches of 8
 
 
@@ -44,7 +44,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
 
 def at_run(teacher: Path, *extra: str) -> list[str]:
     return [*TINY, "distill=at", "teacher=wrn_16_2", "teacher.depth=10",
-            f"teacher.checkpoint={teacher}", *extra]  # fmt: skip
+            f"teacher.checkpoint={teacher}", *extra]
 
 
 def nan_in_group2_at(monkeypatch, steps: set[int]) -> None:
@@ -112,11 +112,11 @@ def test_a_skipped_step_leaves_weights_untouched():
     torch.manual_seed(0)
     module = DistillModule(build_model("wrn", 10, 1, depth=10),
                            Objective([CrossEntropy(Schedule(1.0)), NanProbe({1})]), 10,
-                           nan_guard=NanGuard("skip"))  # fmt: skip
+                           nan_guard=NanGuard("skip"))
     snaps = Snapshots()
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[snaps])  # fmt: skip
+                        callbacks=[snaps])
     x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
     trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), 8))
     assert len(snaps.after) == 3 and module.nan_guard.skipped == 1
@@ -167,7 +167,7 @@ def test_cli_overflowing_teacher_stops_with_one_line(tmp_path, teachers):
         [sys.executable, "-m", "atx.train", *at_run(teachers["overflow"], "trainer.max_epochs=1"),
          f"hydra.run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=180, cwd=Path(__file__).parents[1],
-    )  # fmt: skip
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("atx: error:")]
     assert lines == [result.stderr.strip().splitlines()[-1]]

@@ -54,7 +54,7 @@ def preset(name: str, key: str) -> object:
 
 
 def losses(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: float,
-           steps: int) -> list[float]:  # fmt: skip
+           steps: int) -> list[float]:
     """Training losses of SGD (momentum 0.9, no weight decay, as Table 3) on one batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     out = []

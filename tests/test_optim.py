@@ -28,7 +28,7 @@ def drive(recipe: str, epochs: int = 200) -> tuple[list[float], list[bool]]:
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     setup = sgd_step_decay(model.parameters(), OptimConf(milestones=[60, 120, 160], gamma=0.2,
-                                                         recipe=recipe))  # fmt: skip
+                                                         recipe=recipe))
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     lrs, zeroed = [], []
     for _ in range(epochs):
@@ -91,12 +91,12 @@ def loader() -> DataLoader:
 
 
 def fit(module: DistillModule, root: Path, epochs: int, ckpt: str | None = None,
-        probe: Probe | None = None) -> L.Trainer:  # fmt: skip
+        probe: Probe | None = None) -> L.Trainer:
     callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=root, save_last=True)]
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=root, num_sanity_val_steps=0,
-                        callbacks=callbacks + ([probe] if probe else []))  # fmt: skip
+                        callbacks=callbacks + ([probe] if probe else []))
     trainer.fit(module, loader(), loader(), ckpt_path=ckpt, weights_only=True)
     return trainer
 
@@ -104,7 +104,7 @@ def fit(module: DistillModule, root: Path, epochs: int, ckpt: str | None = None,
 @pytest.mark.parametrize(("recipe", "lrs", "fresh"), [
     ("authors", [0.1, 0.02, 0.004, 0.004], [2, 3]),
     ("standard", [0.1, 0.1, 0.02, 0.004], []),
-])  # fmt: skip
+])
 def test_a_real_trainer_follows_the_recipe(tmp_path, recipe, lrs, fresh):
     probe = Probe()
     fit(tiny_module(recipe), tmp_path, 4, probe=probe)
@@ -128,5 +128,5 @@ def test_resuming_at_the_drop_gives_the_uninterrupted_weights(tmp_path):
     assert probe.lr == pytest.approx({3: 0.004, 4: 0.004}, rel=1e-12)
     assert probe.zero_at_start == {3: True, 4: False}
     for (name, a), b in zip(whole.student.state_dict().items(),
-                            resumed.student.state_dict().values(), strict=True):  # fmt: skip
+                            resumed.student.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

@@ -23,7 +23,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 def run(cmd: list[str | Path], **kwargs) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=180,
-                            **kwargs)  # fmt: skip
+                            **kwargs)
     assert result.returncode == 0, f"{cmd}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -39,7 +39,7 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     out = tmp_path_factory.mktemp("dist")
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", out, src])  # fmt: skip
+         "-w", out, src])
     (path,) = out.glob("atx-*.whl")
     return path
 
@@ -69,12 +69,12 @@ def test_an_installed_wheel_trains_from_anywhere_with_a_users_config(wheel, tmp_
     run([sys.executable, "-m", "venv", "--without-pip", venv])
     python = venv / "bin" / "python"
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-                .stdout.strip())  # fmt: skip
+                .stdout.strip())
     (site / "atx_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
-         "--no-index", wheel])  # fmt: skip
+         "--no-index", wheel])
     where = run([python, "-c", "import atx, importlib.util as u; print(atx.__file__);"
-                 " print(u.find_spec('atx.conf').submodule_search_locations[0])"])  # fmt: skip
+                 " print(u.find_spec('atx.conf').submodule_search_locations[0])"])
     package, conf = where.stdout.split()
     assert Path(package).is_relative_to(venv) and Path(conf).is_relative_to(venv), where.stdout
 
@@ -86,7 +86,7 @@ def test_an_installed_wheel_trains_from_anywhere_with_a_users_config(wheel, tmp_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run([venv / "bin" / "atx-train", *FAST, "logger=csv", "figure_images=0",
          f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "experiment=mine",
-         "hydra.run.dir=run"], cwd=work, env={**env, "OMP_NUM_THREADS": "1"})  # fmt: skip
+         "hydra.run.dir=run"], cwd=work, env={**env, "OMP_NUM_THREADS": "1"})
     metrics = json.loads((work / "run" / "metrics.json").read_text())
     assert metrics["name"] == "from_my_conf" and metrics["epochs"] == 1
     assert (work / "run" / "csv" / "metrics.csv").is_file() and (work / "run" / STUDENT).is_file()

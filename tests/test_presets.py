@@ -122,7 +122,7 @@ def test_at_beta_is_1e3_over_map_elements_and_batch():
     ("distill", "p", "mode"),
     [("at_sum_p1", 1.0, "sum"), ("at", 2.0, "sum"), ("at_sum_p4", 4.0, "sum"),
      ("at_max_p1", 1.0, "max")],
-)  # fmt: skip
+)
 def test_table2_map_functions(distill: str, p: float, mode: str):
     # Table 2: F_sum, F^2_sum, F^4_sum, F^1_max; AT otherwise as in Table 1
     at = cfg_of("t2_wrn_16_1-wrn_16_2", distill).distill.at

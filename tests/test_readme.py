@@ -20,7 +20,6 @@ from unittest import mock
 
 import pytest
 import yaml
-from configs import compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -100,7 +99,7 @@ def readme_commands(text: str) -> list[list[str]]:
     (``model=torchvision model.arch=x``); ``resume=`` (needs a run) and commands naming a preset
     by a placeholder are left out."""
     lines = [ln.split("atx-train ", 1)[1] for lang, block in CODE.findall(text) if lang == "bash"
-             for ln in block.replace("\\\n", " ").splitlines() if "atx-train " in ln]  # fmt: skip
+             for ln in block.replace("\\\n", " ").splitlines() if "atx-train " in ln]
     for _, span in prose_spans(text):
         if span.startswith("atx-train "):
             lines.append(span.split(" ", 1)[1])
@@ -108,7 +107,7 @@ def readme_commands(text: str) -> list[list[str]]:
             lines.append(span)
     commands = [shlex.split(line, comments=True) for line in lines]
     return [c for c in commands if not any(t.startswith("resume=") or placeholder_choice(t)
-                                           for t in c)]  # fmt: skip
+                                           for t in c)]
 
 
 def placeholder_choice(token: str) -> bool:
@@ -149,7 +148,7 @@ def plan_jobs(commands: list[list[str]]) -> list[tuple[list[str], bool]]:
         parsed = OverridesParser.create().parse_overrides(tokens)
         first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
                  if o.is_sweep_override() else t
-                 for t, o in zip(tokens, parsed, strict=True)]  # fmt: skip
+                 for t, o in zip(tokens, parsed, strict=True)]
         seen.update(first)
         if "..." in command and not multirun:
             groups = {top(t) for t in first}
@@ -174,7 +173,7 @@ def composer() -> Iterator[object]:
     """``compose(overrides) -> (cfg, hydra node)``, as atx-train composes (8 GPUs pretended:
     the GPU commands are checked too)."""
     cuda = (mock.patch("torch.cuda.is_available", return_value=True),
-            mock.patch("torch.cuda.device_count", return_value=8))  # fmt: skip
+            mock.patch("torch.cuda.device_count", return_value=8))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), cuda[0], cuda[1]:
 
         def run(overrides: list[str]) -> tuple[DictConfig, DictConfig]:
@@ -250,7 +249,7 @@ def option_units(default: tuple[DictConfig, DictConfig]) -> dict[tuple[str, str]
             presets_named = presets_named if "=" in option else presets_named[:1]
         for preset in presets_named or [""]:
             units.setdefault((group, preset), set()).add(concrete(option) if "=" in option
-                                                         else option)  # fmt: skip
+                                                         else option)
     return units
 
 
@@ -272,7 +271,7 @@ def test_every_readme_option_composes_with_its_presets(composer) -> None:
             where[group] = (preset, unit)
     for b in bins:
         overrides = [*(f"{g}={p}" for g, (p, _) in b.items() if p),
-                     *(o for _, unit in b.values() for o in unit if "=" in o)]  # fmt: skip
+                     *(o for _, unit in b.values() for o in unit if "=" in o)]
         job = composer(overrides) if overrides else default
         for key in (o for _, unit in b.values() for o in unit if "=" not in o):
             assert has(*job, key), f"README option '{key}' is not in the config of {overrides}"
@@ -280,11 +279,11 @@ def test_every_readme_option_composes_with_its_presets(composer) -> None:
 
 
 @pytest.mark.parametrize("group", ["model", "teacher"])
-def test_model_presets_list_every_architecture_option(group: str) -> None:
+def test_model_presets_list_every_architecture_option(group: str, composer) -> None:
     """So ``model.<option>=`` works from the shell for every model preset (no ``+``)."""
     for preset in presets(group):
         # composed: a teacher preset is its model preset (Hydra defaults) plus the checkpoint
-        node = OmegaConf.to_container(compose_cfg([f"{group}={preset}"])[group])
+        node = OmegaConf.to_container(composer([f"{group}={preset}"])[0][group])
         params = inspect.signature(_entry(node["name"]).builder).parameters
         options = set(params) - {"num_classes", "in_channels"}
         listed = set(node) - {"name", "checkpoint"}

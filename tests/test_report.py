@@ -16,7 +16,7 @@ from atx.report import loss_curves, main, report
 
 
 def fake_run(root: Path, name: str, overrides: list[str], seed: int, last: float, best: float,
-             beta: float, agreement: float | None = None) -> None:  # fmt: skip
+             beta: float, agreement: float | None = None) -> None:
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))

@@ -65,7 +65,7 @@ RUN = [
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "atx.train", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -185,14 +185,14 @@ def test_sigkill_sigterm_and_corrupt_checkpoints_resume_to_the_same_weights(runs
     # pruned to checkpoint.keep_last (default 2) across both resumes; step-2 is the file the
     # SIGTERM-ed launch resumed from, which Lightning never deletes
     assert sorted(p.name for p in (runs["run"] / "checkpoints").glob("step-*.ckpt")) == [
-        "step-10.ckpt", "step-12.ckpt", "step-2.ckpt"]  # fmt: skip
+        "step-10.ckpt", "step-12.ckpt", "step-2.ckpt"]
 
 
 def epoch_metrics(run: Path) -> dict[int, dict[str, float]]:
     """The epoch values of ``train/*`` of each epoch in ``csv/metrics.csv``."""
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     return {int(float(r["epoch"])): {k: float(v) for k, v in r.items() if is_epoch_value(k) and v}
-            for r in rows if r.get("train/loss_epoch")}  # fmt: skip
+            for r in rows if r.get("train/loss_epoch")}
 
 
 def is_epoch_value(key: str) -> bool:
@@ -205,7 +205,7 @@ def wandb_epoch_metrics(path: Path) -> dict[int, dict[str, float]]:
     for rec in read_records(path):
         if rec.WhichOneof("record_type") == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                   for item in rec.history.item}  # fmt: skip
+                   for item in rec.history.item}
             if "train/loss_epoch" in row:
                 out[int(row["epoch"])] = {k: v for k, v in row.items() if is_epoch_value(k)}
     return out
@@ -346,7 +346,7 @@ def test_launcher_preemption_signal_saves_first_then_requeues(runs, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", PREEMPTED, str(run), *runs["args"],
                              f"hydra.run.dir={run}"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     signal_at(proc, run / "checkpoints" / "step-2.ckpt", signal.SIGUSR2)
     code, err = finish(proc)
     assert code == 3, err[-2000:]

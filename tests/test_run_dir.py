@@ -28,7 +28,7 @@ from atx.train import train
 TESTS = Path(__file__).parent
 TINY = ["model.depth=10", "trainer.max_epochs=1", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "trainer.num_sanity_val_steps=0", "logger=csv", "figure_images=0"]  # fmt: skip
+        "trainer.num_sanity_val_steps=0", "logger=csv", "figure_images=0"]
 
 # takes the run dir as a run does (claim_run_dir), says so, and holds it until killed
 HOLDER = """
@@ -50,7 +50,7 @@ def test_a_second_live_process_is_refused_until_the_first_dies(tmp_path: Path) -
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(TESTS), str(run), *TINY],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert holder.stdout.readline() == "claimed\n"
         lock = run / ".atx" / "lock"
@@ -75,10 +75,10 @@ def test_a_second_live_process_is_refused_until_the_first_dies(tmp_path: Path) -
 
 def test_only_the_newest_keep_last_step_checkpoints_are_kept(tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY, "data.train_subset=32", "data.val_subset=8", "data.batch_size=4",
-                       "checkpoint.every_n_steps=1", "checkpoint.keep_last=3"])  # fmt: skip
+                       "checkpoint.every_n_steps=1", "checkpoint.keep_last=3"])
     train(cfg, tmp_path)  # 8 steps, a step checkpoint after each
     kept = {p.name: torch.load(p, weights_only=True)["global_step"]
-            for p in (tmp_path / "checkpoints").glob("step-*.ckpt")}  # fmt: skip
+            for p in (tmp_path / "checkpoints").glob("step-*.ckpt")}
     assert kept == {"step-6.ckpt": 6, "step-7.ckpt": 7, "step-8.ckpt": 8}
 
 
@@ -88,7 +88,7 @@ def test_last_ckpt_is_the_last_epoch_also_when_it_did_not_improve(tmp_path: Path
     epoch 0's val/error and no ``best-epoch1.ckpt`` is written."""
     cfg = compose_cfg([*TINY, "trainer.max_epochs=2", "data.train_subset=16", "data.val_subset=8",
                        "data.batch_size=8", "optim.lr=1e-30", "finetune.freeze_bn=true",
-                       "checkpoint.every_n_steps=0"])  # fmt: skip
+                       "checkpoint.every_n_steps=0"])
     train(cfg, tmp_path)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert names == ["best-epoch0.ckpt", "last.ckpt"]
@@ -109,7 +109,7 @@ def test_a_finished_run_resumed_with_more_epochs_trains_only_the_new_ones(
     checkpoint. Each launch starts its own csv/metrics.csv, so epoch 2 alone there means
     epochs 0 and 1 were not trained again."""
     args = [*TINY, "data.train_subset=16", "data.val_subset=8", "data.batch_size=8",
-            "checkpoint.every_n_steps=0"]  # fmt: skip
+            "checkpoint.every_n_steps=0"]
     try:
         train(compose_cfg([*args, "trainer.max_epochs=2"]), tmp_path, claim=True)
         release_locks()  # that run's process ended
@@ -138,7 +138,7 @@ def test_no_readable_checkpoint_starts_over_and_keeps_the_bad_files(tmp_path, ca
     cfg = compose_cfg(["model.depth=10", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                        "data.train_subset=16", "data.val_subset=8", "logger=csv",
-                       "figure_images=0"])  # fmt: skip
+                       "figure_images=0"])
     claim_run_dir(cfg, tmp_path)  # the run started ...
     release_locks()  # ... and its process died
     bad = {"last.ckpt": b"PK\x03\x04 torn", "step-2.ckpt": b"\x00" * 64}
@@ -151,7 +151,7 @@ def test_no_readable_checkpoint_starts_over_and_keeps_the_bad_files(tmp_path, ca
     start = f"atx: no readable checkpoint in '{tmp_path / 'checkpoints'}': starting from scratch"
     assert start in err
     assert sum("skipping unreadable checkpoint" in line and "; moved to '" in line
-               for line in err) == 2  # fmt: skip
+               for line in err) == 2
     names = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in names and not [n for n in names if "-v" in n], names
     aside = tmp_path / "checkpoints" / "unreadable"
@@ -175,7 +175,7 @@ def test_resume_argv_takes_the_runs_overrides(tmp_path, monkeypatch):
     )
     argv = expand_resume_argv([f"resume={tmp_path}", "trainer.max_epochs=5"])
     assert argv == ["model.depth=10", "trainer.max_epochs=5", f"resume={tmp_path.resolve()}",
-                    f"hydra.run.dir={tmp_path.resolve()}"]  # fmt: skip
+                    f"hydra.run.dir={tmp_path.resolve()}"]
     assert expand_resume_argv(argv) == argv  # DDP ranks re-run the expanded command line
     monkeypatch.delenv("ATX_RESUME_EXPANDED")
     with pytest.raises(SystemExit):

@@ -43,7 +43,7 @@ def teacher_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.manual_seed(0)
     torch.save(build_model("wrn", num_classes=10, in_channels=1, depth=10, width=2).state_dict(),
-               path)  # fmt: skip
+               path)
     return path
 
 
@@ -56,7 +56,7 @@ def rows(run: Path) -> list[dict[str, float]]:
 def term_parts(row: dict[str, float], term: str) -> float:
     """The sum of a term's unweighted step losses (``train/kd_step``, ``train/at/<g>_step``)."""
     return sum(v for k, v in row.items() if k.endswith("_step")
-               and (k == f"train/{term}_step" or k.startswith(f"train/{term}/")))  # fmt: skip
+               and (k == f"train/{term}_step" or k.startswith(f"train/{term}/")))
 
 
 @pytest.mark.parametrize("preset, term", [("at_kd", "at"), ("fact", "fact")])
@@ -74,7 +74,7 @@ def test_beta_decays_linearly_per_epoch_in_the_logged_weight_and_the_loss(
         [beta * (1 - e / EPOCHS) for e in range(EPOCHS)]
     )
     per_epoch = {int(r["epoch"]): {k[len("weight/"):]: v for k, v in r.items()
-                                   if k.startswith("weight/")} for r in weights}  # fmt: skip
+                                   if k.startswith("weight/")} for r in weights}
     assert set(per_epoch[0]) == ({"ce", "kd", "at"} if preset == "at_kd" else {"ce", "fact"})
     steps = [r for r in logged if "train/loss_step" in r]
     assert [int(r["epoch"]) for r in steps] == [0, 0, 1, 1, 2, 2]

@@ -49,7 +49,7 @@ def slurm_submission(tmp_path: Path, monkeypatch, overrides: list[str]) -> tuple
     monkeypatch.setattr(submitit, "AutoExecutor", Recorder)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/s",
-                                          *overrides], return_hydra_config=True)  # fmt: skip
+                                          *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the launcher's values resolve
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config = cfg
@@ -63,10 +63,10 @@ def test_slurm_launcher_gives_one_task_per_device(tmp_path, monkeypatch):
     executor, sbatch = slurm_submission(tmp_path, monkeypatch, [
         "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
         "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600", "name=t1",
-    ])  # fmt: skip
+    ])
     for line in ("--ntasks-per-node=4", "--gpus-per-node=4", "--nodes=2", "--time=600",
                  "--partition=gpu", "--signal=USR2@120", "--job-name=atx-t1",
-                 f"--output={tmp_path}/s/.submitit/%j/%j_0_log.out"):  # fmt: skip
+                 f"--output={tmp_path}/s/.submitit/%j/%j_0_log.out"):
         assert f"#SBATCH {line}\n" in sbatch, line
     assert "export SUBMITIT_EXECUTOR=slurm" in sbatch and "srun " in sbatch
     assert executor.max_num_timeout == 3  # requeued after preemption / timeout
@@ -96,7 +96,7 @@ def test_local_parallel_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     result = atx_train(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *FAST,
                         "logger=csv", "seed=0,1", f"hydra.sweep.dir={sweep}"],
-                       env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+                       env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     seeds = []
@@ -130,7 +130,7 @@ def evaluate(student_pt: Path, overrides: list[str]) -> dict[str, float]:
     model.load_state_dict(torch.load(student_pt, weights_only=True))
     errors = {}
     for split, x, y in (("val", data.x_val, data.y_val), ("heldout", data.x_heldout,
-                                                          data.y_heldout)):  # fmt: skip
+                                                          data.y_heldout)):
         if x is not None:
             with torch.no_grad():
                 logits = model.eval()(data.normalize(x))
@@ -161,7 +161,7 @@ def test_two_process_ddp_run_of_the_cli(tmp_path):
     """The ``trainer=cpu_ddp`` preset (2 CPU processes, gloo) in a real run."""
     run_dir = tmp_path / "run"
     result = atx_train([*FAST, "trainer=cpu_ddp", *DDP_RUN, f"hydra.run.dir={run_dir}"],
-                       env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
+                       env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started the second rank
     check_ddp_run(run_dir, 33, [*FAST, "data.val_subset=33"])
@@ -173,7 +173,7 @@ def test_ddp_inside_a_sweep_job_ranks_started_by_submitit(tmp_path):
         ["-m", "hydra/launcher=local_ddp", "hydra.launcher.gpus_per_node=0", *FAST, *DDP,
          "seed=0", f"hydra.sweep.dir={sweep}"],
         env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (job_log,) = sweep.glob(".submitit/*/*_1_log.err")  # submitit ran task (= rank) 1 too
     assert "MEMBER: 2/2" in job_log.read_text() + job_log.with_suffix(".out").read_text()
@@ -188,7 +188,7 @@ def test_ddp_spawn_inside_a_local_sweep(tmp_path):
     heldout = "data.val_split=21"  # 21 held-out training images: uneven over 2 ranks too
     result = atx_train(["-m", *FAST, *DDP, "trainer.strategy=ddp_spawn", heldout, "seed=0",
                         f"hydra.sweep.dir={sweep}"],
-                       env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})  # fmt: skip
+                       env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     check_ddp_run(sweep / "0", 33, [*FAST, "data.val_subset=33", heldout], heldout=21)
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
@@ -212,11 +212,11 @@ def test_sync_batchnorm_converts_the_student_only(tmp_path, monkeypatch):
     (Lightning's own switch, applied in the strategy's setup, would convert the teacher too)."""
     teacher_pt = tmp_path / "teacher.pt"
     torch.save(build_model("wrn", num_classes=10, in_channels=1, depth=10, width=2).state_dict(),
-               teacher_pt)  # fmt: skip
+               teacher_pt)
     # SyncBatchNorm needs GPUs to train (refused up front on the CPU, tested below) and torch's
     # DDP wrapper refuses it on CPU modules: the run stops where DDP would wrap the module, after
     # the strategy applied any layer sync
-    monkeypatch.setattr("atx.train.check_sync_batchnorm", lambda trainer: None)
+    monkeypatch.setattr("atx.checks.check_sync_batchnorm", lambda trainer: None)
 
     def wrap(strategy: DDPStrategy, model: torch.nn.Module) -> torch.nn.Module:
         raise _Wrapped({"student": bn_kinds(model.student), "teacher": bn_kinds(model.teacher)})
@@ -224,7 +224,7 @@ def test_sync_batchnorm_converts_the_student_only(tmp_path, monkeypatch):
     monkeypatch.setattr(DDPStrategy, "_setup_model", wrap)
     cfg = compose_cfg([*FAST, "logger=csv", "trainer.sync_batchnorm=true", "trainer.strategy=ddp",
                        "trainer.devices=1", "distill=at", "teacher=wrn_16_2", "teacher.depth=10",
-                       f"teacher.checkpoint={teacher_pt}"])  # fmt: skip
+                       f"teacher.checkpoint={teacher_pt}"])
     environ = dict(os.environ)  # DDP sets LOCAL_RANK, MASTER_PORT...: later runs must not see them
     try:
         with pytest.raises(_Wrapped) as wrapped:

@@ -1,4 +1,4 @@
-"""Untrusted files (issue 7): a checkpoint carrying a pickle payload is refused with one clear
+"""Untrusted files: a checkpoint carrying a pickle payload is refused with one clear
 line, and the payload never runs, on every path that reads model files: teacher.checkpoint
 (plain state dict, Lightning .ckpt, run dir), torchvision weights_path and pretrained weights
 from the hub cache, atx-visualize, resumed checkpoints and the dataset cache.
@@ -30,7 +30,7 @@ from atx.visualize import main as visualize_main
 
 TINY = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "data.train_subset=16", "data.val_subset=8",
-        "logger=csv", "figure_images=0"]  # fmt: skip
+        "logger=csv", "figure_images=0"]
 REFUSED = "it is not a plain tensor checkpoint (weights_only=True rejected it"
 
 
@@ -54,7 +54,7 @@ def save_evil(path: Path, marker: Path, lightning: bool = False) -> Path:
     state: dict = {**teacher_state(), "extra": Payload(marker)}
     if lightning:
         state = {"state_dict": {f"student.{k}": v for k, v in teacher_state().items()},
-                 "epoch": 0, "loops": {}, "callbacks": Payload(marker)}  # fmt: skip
+                 "epoch": 0, "loops": {}, "callbacks": Payload(marker)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
@@ -75,9 +75,9 @@ def test_teacher_checkpoint_is_refused(tmp_path, kind):
         save_evil(target / STUDENT_FILE, marker)
     else:
         target = save_evil(tmp_path / ("evil.ckpt" if "ckpt" in kind else "evil.pt"), marker,
-                           lightning="ckpt" in kind)  # fmt: skip
+                           lightning="ckpt" in kind)
     cfg = compose_cfg(["model.depth=10", *TINY, "distill=at", "teacher=wrn_16_2",
-                       "teacher.depth=10", f"teacher.checkpoint={target}"])  # fmt: skip
+                       "teacher.depth=10", f"teacher.checkpoint={target}"])
     (tmp_path / "run").mkdir()
     with pytest.raises(AtxError) as info:
         train(cfg, tmp_path / "run")
@@ -91,7 +91,7 @@ def test_torchvision_weights_path_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "r18.pt"
     torch.save({**build_model("resnet18", num_classes=10).state_dict(), "x": Payload(marker)},
-               evil)  # fmt: skip
+               evil)
     cfg = compose_cfg([*TINY, "model=resnet18", f"model.weights_path={evil}"])
     with pytest.raises(AtxError) as info:
         train(cfg, tmp_path)
@@ -110,7 +110,7 @@ def test_pretrained_weights_in_the_hub_cache_are_refused(tmp_path, monkeypatch):
     cached = tmp_path / "hub" / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
     cached.parent.mkdir(parents=True)
     torch.save({**build_model("resnet18", num_classes=1000).state_dict(), "x": Payload(marker)},
-               cached)  # fmt: skip
+               cached)
     with pytest.raises(AtxError, match="refused to load weights file"):
         build_model("resnet18", num_classes=10, weights="IMAGENET1K_V1")
     assert not marker.exists()
@@ -150,10 +150,10 @@ def test_resume_skips_a_poisoned_checkpoint_and_lightning_refuses_it(tmp_path, c
 
     ckpt_dir = tmp_path / "checkpoints"
     module = DistillModule(build_model("wrn", 10, 1, depth=10), Objective([CrossEntropy(
-        Schedule(1.0))]), 10)  # fmt: skip
+        Schedule(1.0))]), 10)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+                        default_root_dir=tmp_path)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     trainer.fit(module, loader)
@@ -168,7 +168,7 @@ def test_resume_skips_a_poisoned_checkpoint_and_lightning_refuses_it(tmp_path, c
     assert found is not None and found[0] == good
     assert f"skipping unreadable checkpoint '{evil}' (UnpicklingError" in capsys.readouterr().err
     trainer2 = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+                         enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(Exception, match="Weights only load failed"):
         trainer2.fit(module, loader, ckpt_path=evil, weights_only=True)
     assert not marker.exists()
@@ -191,7 +191,7 @@ def test_cli_refuses_a_poisoned_teacher_in_one_line(tmp_path):
          "teacher=wrn_16_2", "teacher.depth=10", f"teacher.checkpoint={evil}",
          f"hydra.run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
-    )  # fmt: skip
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(f"atx: error: refused to load checkpoint '{evil}': {REFUSED}")

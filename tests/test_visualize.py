@@ -110,7 +110,7 @@ def expected_maps(run: Path, layers: list[str], x: torch.Tensor, p: float, mode:
     computed here from forward hooks, not by atx.visualize."""
     model, feats = load_net(run), {}
     hooks = [model.get_submodule(n).register_forward_hook(
-        lambda _m, _i, out, n=n: feats.__setitem__(n, out)) for n in layers]  # fmt: skip
+        lambda _m, _i, out, n=n: feats.__setitem__(n, out)) for n in layers]
     with torch.no_grad():
         model(x)
     for hook in hooks:
@@ -165,7 +165,7 @@ def test_wrn_teacher_and_students(runs, data_root, tmp_path, capsys, figures):
     check_maps(out, figures[-1], maps, 3)
     # the scale is shared: where the networks' peaks differ, only one cell reaches the top
     peaks = [[cell_values(out, figures[-1], i, 1 + 3 * g + j).max() for j in range(3)]
-             for i in range(3) for g in range(3)]  # fmt: skip
+             for i in range(3) for g in range(3)]
     assert any(min(p) < 0.9 for p in peaks)
 
 
@@ -190,7 +190,7 @@ def test_grad_columns_and_the_max_mode(runs, data_root, tmp_path, figures):
     sum_maps = {n: expected_maps(runs[n], WRN, x, 1.0, "sum") for n in names}
     check_maps(out_sum, figures[-1], sum_maps, 2)
     diffs = [np.abs(cell_values(out, figures[-2], i, c) - cell_values(out_sum, figures[-1], i, c))
-             for i in range(2) for c in range(1, 1 + 3 * 2)]  # fmt: skip
+             for i in range(2) for c in range(1, 1 + 3 * 2)]
     assert min(d.mean() for d in diffs) > 0.02  # F_max^1 and F_sum: every cell differs
 
 
