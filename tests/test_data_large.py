@@ -1,5 +1,6 @@
 """Large-image data modules (paper §4.2): ImageNet, CUB-200-2011 and MIT Indoor 67 read from
-tiny copies of their official layouts in ``tmp_path``; errors; a real Trainer on each."""
+tiny copies of their official layouts in ``tmp_path``; errors (a real Trainer on each:
+test_data_large_train.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from configs import compose_cfg
 from layouts import (
     BACKGROUND,
     CUB_CLASSES,
@@ -26,8 +25,6 @@ from PIL import Image
 from atx.data import CUBDataModule, ImageNetDataModule, ScenesDataModule
 from atx.data.folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, read_image
 from atx.errors import AtxError
-from atx.models import build_model
-from atx.train import train
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 SMALL = {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 4}
@@ -366,67 +363,3 @@ def test_bad_options() -> None:
         ScenesDataModule("x", on_corrupt="ignore")
     with pytest.raises(AtxError, match=r"data.train_crop='center' is unknown"):
         ScenesDataModule("x", train_crop="center")
-
-
-# --- a real Trainer through the CLI config path ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def teacher_pt(tmp_path_factory) -> Path:
-    """A random 3-class ResNet-18 state dict standing in for a fine-tuned teacher."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_model("resnet18", num_classes=3, in_channels=3).state_dict(), path)
-    return path
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make a
-    ResNet-18 step ~10x slower (measured 2.8 s vs 0.2 s under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize(
-    ("data", "writer"),
-    [("imagenet", write_imagenet), ("cub", write_cub), ("scenes", write_scenes)],
-)
-def test_trainer_fits_teacher_to_student(tmp_path: Path, teacher_pt: Path, data, writer) -> None:
-    writer(tmp_path / data)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = compose_cfg(
-        [
-            f"data={data}",
-            f"data.root={tmp_path / data}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "data.image_size=64",
-            "data.resize_size=72",
-            "model=resnet18",
-            "teacher=resnet18",
-            f"teacher.checkpoint={teacher_pt}",
-            "distill=at",
-            "distill.at.student_layers=last2",
-            "trainer.max_steps=2",
-            "trainer.max_epochs=1",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-            "trainer.num_sanity_val_steps=0",
-            "logger=csv",
-            "figure_images=2",
-        ]
-    )
-    metrics = train(cfg, run_dir)
-    assert 0 <= metrics["val/error"] <= 100 and np.isfinite(metrics["val/loss"])
-    for name in ("student.pt", "metrics.json", "attention.png", "csv/metrics.csv"):
-        assert (run_dir / name).is_file(), name
-    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert any(c.startswith("train/at") for c in header), header  # the AT term was computed
-    state = torch.load(run_dir / "student.pt", weights_only=True)
-    assert state["fc.weight"].shape == (3, 512)

@@ -17,12 +17,12 @@ def _rows(errors: dict[str, list[float]]) -> dict[str, dict]:
     for label, values in errors.items():
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         rows[label] = {"dirs": values, "error": (statistics.fmean(values), std),
-                       "agreement": [0.5, 0.75]}  # fmt: skip
+                       "agreement": [0.5, 0.75]}
     return rows
 
 
 STUDY = Study(title="t", teacher=[], students=[], methods={"student": "none", "AT": "at"},
-              seeds=[0, 1, 2])  # fmt: skip
+              seeds=[0, 1, 2])
 
 
 def test_verdict_needs_more_than_twice_the_larger_std() -> None:
@@ -57,7 +57,7 @@ def test_tiny_study_end_to_end_and_teacher_reused(tmp_path: Path) -> None:
                   "trainer.max_epochs=2"],
         methods={"student": "none", "student + AT": "at"},
         seeds=[0, 1],
-    )  # fmt: skip
+    )
     teachers = tmp_path / "teachers"
     text = run_study(study, tmp_path / "first", teachers)
     teacher_dir = teachers / teacher_key(study.teacher)
