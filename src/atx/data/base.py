@@ -180,7 +180,7 @@ class TensorImageDataModule(L.LightningDataModule):
             self._check(x_train, y_train, "train")
             self._check(x_val, y_val, "test")
             split = hold_out(y_train.numpy(), self.val_split, self.split_seed, self.num_classes,
-                             self.name)
+                             self.name)  # fmt: skip
             if split is not None:
                 keep, held = (torch.from_numpy(i) for i in split)
                 self.heldout_index = held
@@ -288,7 +288,7 @@ class TensorImageDataModule(L.LightningDataModule):
                 return data["x_train"], data["y_train"], data["x_val"], data["y_val"]
         x_train, y_train, x_val, y_val = self._load()
         data = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
-                "classes": list(self.classes)}
+                "classes": list(self.classes)}  # fmt: skip
         self.cache_file = disk_cache.write(data, root, name)
         return x_train, y_train, x_val, y_val
 
