@@ -33,7 +33,7 @@ os.environ["WANDB_MODE"] = "disabled"  # as in the tests: the logger config read
 
 from configs import compose_cfg  # noqa: E402
 
-from atx.attention import at_loss  # noqa: E402
+from atx.attention import MapMode, at_loss  # noqa: E402
 from atx.gradient_attention import grad_at_loss, min_l2_loss, symmetry_loss  # noqa: E402
 from atx.losses import fact_loss, kd_loss  # noqa: E402
 from atx.train import CONF_DIR, train  # noqa: E402
@@ -74,7 +74,7 @@ def loss_values() -> dict[str, dict]:
     logits, image = (4, 10), (4, 3, 8, 8)
     cases: dict[str, dict] = {}
     for p in (1.0, 2.0, 4.0, 0.5):
-        for mode in ("sum", "max"):
+        for mode in MapMode.values():
             for reduction in ("code", "paper"):
                 cases[f"at_p{p}_{mode}_{reduction}"] = _loss_case(
                     at_loss, feat, feat, p=p, mode=mode, reduction=reduction

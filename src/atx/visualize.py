@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from atx.attention import MapMode
 from atx.checkpoints import STUDENT_FILE
 from atx.data.spread import spread_over_classes
 from atx.errors import AtxError, reason
@@ -73,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("students", metavar="STUDENT", nargs="+", help="students' run directories")
     parser.add_argument("--images", type=int, default=8, help="number of images (rows)")
     parser.add_argument("--p", type=float, default=2.0, help="exponent p of the map (1: F_sum)")
-    parser.add_argument("--mode", choices=("sum", "max"), default="sum", help="F_sum^p or F_max^p")
+    parser.add_argument(
+        "--mode", choices=MapMode.values(), default="sum", help="F_sum^p or F_max^p"
+    )
     parser.add_argument(
         "--grad", action="store_true", help="add each network's gradient attention |dL/dx|"
     )
