@@ -1,4 +1,6 @@
-"""Data modules: datasets decoded once into uint8 tensors, augmented batch-wise on the device."""
+"""Data modules on one core (:mod:`atx.data.core`): datasets decoded once into uint8 tensors and
+augmented batch-wise on the device (:mod:`atx.data.base`), or image files decoded in DataLoader
+workers (:mod:`atx.data.folder`)."""
 
 from atx.data.augment import denormalize, normalize, random_crop_flip
 from atx.data.base import TensorImageDataModule, load_image_folder

@@ -4,32 +4,38 @@ A dataset is decoded once into a uint8 tensor ``(N, C, H, W)`` (slow decodes are
 disk, :mod:`atx.data.cache`); the dataloaders only index it, and crop/flip/normalise run on
 whole batches in :meth:`on_after_batch_transfer` (on the GPU when training on one). With
 ``device_resident`` the tensors live on the training device and batches are gathered there, so
-no images cross from host to device per step. Per-image PIL decoding would cap throughput at a
-few thousand images/s.
+no images cross from host to device per step. Per-image PIL decoding and collation would be the
+bottleneck instead (docs/benchmarks.md, data pipeline).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from atx.data import cache as disk_cache
-from atx.data.augment import PAD_MODES, denormalize, normalize, random_crop_flip
+from atx.data.augment import PAD_MODES, random_crop_flip
+from atx.data.core import ImageDataModule
+from atx.data.decode import decode_fixed as _decode  # a module global: tests count decodes
+from atx.data.listing import IMAGE_EXTENSIONS, list_image_folder
 from atx.data.sampler import ResumableRandomSampler
-from atx.data.split import check_split, check_subsets, eval_sampler, hold_out, subset_index
-from atx.data.spread import spread_over_classes
 from atx.errors import AtxError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+__all__ = [  # IMAGE_EXTENSIONS: importable from here as before the listing moved out
+    "IMAGE_EXTENSIONS",
+    "TensorImageDataModule",
+    "TensorPairDataset",
+    "collate_pairs",
+    "load_image_folder",
+]
 
 
 class _Batch:
@@ -46,7 +52,7 @@ class TensorPairDataset(Dataset):
 
     The DataLoader's fetcher calls ``__getitems__`` with the sampler's batch of indices, and
     :func:`collate_pairs` unwraps the result, so no per-sample Python work or stacking happens
-    (5x faster than ``TensorDataset`` + default collation here: ~330k vs ~75k images/s).
+    (docs/benchmarks.md compares it with ``TensorDataset`` + default collation).
     """
 
     def __init__(self, x: Tensor, y: Tensor) -> None:
@@ -60,7 +66,7 @@ class TensorPairDataset(Dataset):
         return self.x[i], self.y[i]
 
     def __getitems__(self, indices: list[int]) -> list[_Batch]:
-        idx = torch.as_tensor(indices, dtype=torch.long)  # index_select: ~20x faster than x[idx]
+        idx = torch.as_tensor(indices, dtype=torch.long)  # for index_select, faster than x[idx]
         if self.x.device.type == "cuda":  # device-resident: only the indices cross, async
             idx = idx.pin_memory().to(self.x.device, non_blocking=True)
         elif self.x.device != idx.device:
@@ -75,7 +81,7 @@ def collate_pairs(items: list[Any]) -> Any:
     return default_collate(items)
 
 
-class TensorImageDataModule(L.LightningDataModule):
+class TensorImageDataModule(ImageDataModule):
     """Base class: subclasses set the class attributes below and implement :meth:`_load`.
 
     ``num_classes``, ``in_channels``, ``image_size`` are known right after ``__init__`` (models
@@ -83,16 +89,11 @@ class TensorImageDataModule(L.LightningDataModule):
     names and is replaced by the names found on disk once :meth:`setup` has run.
     Batches are ``(x_uint8, y_int64)`` out of the dataloaders and ``(x_float32, y)`` after
     :meth:`on_after_batch_transfer` (normalised; randomly cropped/flipped while training).
-    The validation and test dataloaders both serve the test split, as in the paper; with
-    ``val_split`` the validation dataloaders are ``[test, held-out]`` (:mod:`atx.data.split`).
+    Validation and held-out loaders: :class:`~atx.data.core.ImageDataModule`.
     """
 
-    name: ClassVar[str] = "dataset"
     num_classes: int = 0
-    in_channels: int = 0
     image_size: int = 0
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
     classes: list[str] = []
 
     def __init__(
@@ -117,33 +118,14 @@ class TensorImageDataModule(L.LightningDataModule):
         on the CPU) and gather batches there; the DataLoader then runs in the main process.
         ``val_split`` / ``split_seed``: training images held out for model selection
         (:mod:`atx.data.split`)."""
-        super().__init__()
-        if batch_size < 1:
-            raise AtxError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise AtxError(f"data.num_workers must be >= 0, got {num_workers}")
-        if not 0 <= pad < self.image_size:
-            raise AtxError(
-                f"data.pad={pad} is out of range for {self.image_size}x{self.image_size} "
-                f"{self.name} images; set data.pad between 0 and {self.image_size - 1}"
-            )
-        if pad_mode not in PAD_MODES:
-            raise AtxError(f"data.pad_mode={pad_mode!r} is unknown; use one of {PAD_MODES}")
-        check_subsets(train_subset, val_subset)
-        check_split(val_split, split_seed, self.num_classes, self.name)
-        self.root = str(root)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pad = pad
-        self.flip = flip
-        self.pad_mode = pad_mode
-        self.train_subset = train_subset
-        self.val_subset = val_subset
-        self.seed = seed
-        self.pin_memory = pin_memory
-        self.cache = cache
-        self.device_resident = device_resident
-        self.val_split, self.split_seed = val_split, split_seed
+        super().__init__(
+            root, batch_size=batch_size, num_workers=num_workers, flip=flip,
+            train_subset=train_subset, val_subset=val_subset, seed=seed,
+            pin_memory=pin_memory, val_split=val_split, split_seed=split_seed,
+            checks=self._option_checks(pad, pad_mode), known_classes=self.num_classes,
+        )
+        self.pad, self.pad_mode = pad, pad_mode
+        self.cache, self.device_resident = cache, device_resident
         self.cache_file: Path | None = None  # the cache file read or written by setup()
         self.classes = list(type(self).classes)
         self.x_train: Tensor | None = None
@@ -152,8 +134,15 @@ class TensorImageDataModule(L.LightningDataModule):
         self.y_val: Tensor | None = None
         self.x_heldout: Tensor | None = None  # val_split > 0: the held-out training images
         self.y_heldout: Tensor | None = None
-        self.heldout_index: Tensor | None = None  # their positions in the training split
-        self._stats_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _option_checks(self, pad: int, pad_mode: str) -> Iterator[tuple[bool, str]]:
+        yield 0 <= pad < self.image_size, (
+            f"data.pad={pad} is out of range for {self.image_size}x{self.image_size} "
+            f"{self.name} images; set data.pad between 0 and {self.image_size - 1}"
+        )
+        yield pad_mode in PAD_MODES, (
+            f"data.pad_mode={pad_mode!r} is unknown; use one of {PAD_MODES}"
+        )
 
     # --- to implement -------------------------------------------------------------------------
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -179,8 +168,7 @@ class TensorImageDataModule(L.LightningDataModule):
             x_train, y_train, x_val, y_val = self._load_cached() if self.cache else self._load()
             self._check(x_train, y_train, "train")
             self._check(x_val, y_val, "test")
-            split = hold_out(y_train.numpy(), self.val_split, self.split_seed, self.num_classes,
-                             self.name)  # fmt: skip
+            split = self._hold_out(y_train.numpy())
             if split is not None:
                 keep, held = (torch.from_numpy(i) for i in split)
                 self.heldout_index = held
@@ -208,71 +196,36 @@ class TensorImageDataModule(L.LightningDataModule):
         # RandomSampler's order, restartable mid-epoch (atx.resume)
         return self._loader(dataset, sampler=ResumableRandomSampler(dataset))
 
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The test split; with ``val_split``, ``[test, held-out]`` (dataloader_idx 0, 1)."""
-        test = self.test_dataloader()
-        if self.x_heldout is None or self.y_heldout is None:
-            return test
-        return [test, self._eval_loader(self.x_heldout, self.y_heldout)]
+    # --- hooks of ImageDataModule -------------------------------------------------------------
+    def _eval_set(self, split: str) -> TensorPairDataset | None:
+        x, y = (self.x_val, self.y_val) if split == "test" else (self.x_heldout, self.y_heldout)
+        return None if x is None or y is None else TensorPairDataset(x, y)
 
-    def test_dataloader(self) -> DataLoader:
-        assert self.x_val is not None and self.y_val is not None, "call setup() first"
-        return self._eval_loader(self.x_val, self.y_val)
+    def _loader_kwargs(self, dataset: Dataset) -> dict[str, Any]:
+        assert isinstance(dataset, TensorPairDataset)
+        on_host = dataset.x.device.type == "cpu"  # device-resident: gather in the main process
+        return {
+            "num_workers": self.num_workers if on_host else 0,
+            "pin_memory": self.pin_memory and on_host,
+            "collate_fn": collate_pairs,
+        }
 
-    def _eval_loader(self, x: Tensor, y: Tensor) -> DataLoader:
-        dataset = TensorPairDataset(x, y)
-        return self._loader(dataset, sampler=eval_sampler(self, dataset))
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """uint8 batch -> normalised float32; random crop + flip first while training."""
-        x, y = batch
+    def _augment(self, x: Tensor) -> Tensor:
+        """Random crop + flip of the whole batch while training."""
         if self.trainer is not None and self.trainer.training and (self.pad > 0 or self.flip):
             x = random_crop_flip(x, self.pad, self.flip, mode=self.pad_mode)
-        if x.dtype == torch.uint8:
-            x = self.normalize(x)
-        return x, y
+        return x
 
-    # --- helpers ------------------------------------------------------------------------------
-    def _stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """mean/std as float32 tensors on ``device``, cached (no copy per batch on the GPU)."""
-        if device not in self._stats_cache:
-            self._stats_cache[device] = (
-                torch.tensor(self.mean, dtype=torch.float32, device=device),
-                torch.tensor(self.std, dtype=torch.float32, device=device),
-            )
-        return self._stats_cache[device]
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """uint8 images -> float32 normalised with this dataset's mean/std."""
-        return normalize(x, *self._stats(x.device))
-
-    def denormalize(self, x: Tensor, as_uint8: bool = True) -> Tensor:
-        """Normalised float images -> uint8 (or float in [0, 1]) for display."""
-        return denormalize(x, self.mean, self.std, as_uint8=as_uint8)
-
-    def val_images(self, n: int) -> tuple[Tensor, Tensor]:
-        """``n`` validation images (uint8) and labels spread over the classes: a fixed set for
-        figures (:func:`atx.data.spread.spread_over_classes`)."""
-        self.setup()
+    def _val_labels(self) -> Tensor:
         assert self.x_val is not None and self.y_val is not None
-        idx = torch.tensor(spread_over_classes(self.y_val, n), dtype=torch.long)
-        idx = idx.to(self.x_val.device)  # device-resident: gather there, copy only these
-        return self.x_val[idx].cpu().clone(), self.y_val[idx].cpu().clone()
+        return self.y_val
 
-    def _loader(self, dataset: TensorPairDataset, sampler: Sampler | None) -> DataLoader:
-        on_host = dataset.x.device.type == "cpu"  # device-resident: gather in the main process
-        workers = self.num_workers if on_host else 0
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,  # None: the sequential order
-            collate_fn=collate_pairs,
-            drop_last=False,
-            num_workers=workers,
-            pin_memory=self.pin_memory and on_host,
-            persistent_workers=workers > 0,
-        )
+    def _val_images_at(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        assert self.x_val is not None and self.y_val is not None
+        at = torch.tensor(idx, dtype=torch.long).to(self.x_val.device)  # gather there, copy these
+        return self.x_val[at].cpu().clone(), self.y_val[at].cpu().clone()
 
+    # --- internals ----------------------------------------------------------------------------
     def _load_cached(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`_load` through the disk cache when the layout has one (:meth:`_cache_sources`)."""
         sources = self._cache_sources()
@@ -287,8 +240,8 @@ class TensorImageDataModule(L.LightningDataModule):
                 self.cache_file, self.classes = path, data["classes"]
                 return data["x_train"], data["y_train"], data["x_val"], data["y_val"]
         x_train, y_train, x_val, y_val = self._load()
-        data = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
-                "classes": list(self.classes)}  # fmt: skip
+        data = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val}
+        data["classes"] = list(self.classes)
         self.cache_file = disk_cache.write(data, root, name)
         return x_train, y_train, x_val, y_val
 
@@ -315,28 +268,8 @@ class TensorImageDataModule(L.LightningDataModule):
     def _subset(
         self, x: Tensor, y: Tensor, n: int | None, key: str, salt: int
     ) -> tuple[Tensor, Tensor]:
-        held_out = self.val_split if key == "train_subset" else 0
-        where = f"{self.name} under '{self.root}'"
-        idx = subset_index(len(x), n, self.seed, salt, key, where, held_out)
+        idx = self._subset_index(len(x), n, key, salt)
         return (x, y) if idx is None else (x[idx].contiguous(), y[idx].contiguous())
-
-
-def _decode(path: Path, size: int, mode: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.size != (size, size) or im.mode != mode:
-                raise AtxError(
-                    f"image '{path}' is {im.size[0]}x{im.size[1]} {im.mode}, expected "
-                    f"{size}x{size} {mode}; convert or remove it"
-                )
-            return np.asarray(im, dtype=np.uint8)
-    except AtxError:
-        raise
-    except OSError as err:
-        raise AtxError(f"cannot decode image '{path}' ({err}); replace or remove it") from err
 
 
 def load_image_folder(
@@ -349,50 +282,12 @@ def load_image_folder(
 ) -> tuple[list[str], list[tuple[Tensor, Tensor]]]:
     """Decode ``root/<split>/<class>/*.png|jpg|jpeg`` once into uint8 tensors.
 
-    Class order is the sorted folder names, which must be identical in every split.
+    Class order is the sorted folder names, which must be identical in every split
+    (:func:`atx.data.listing.list_image_folder`).
     Returns ``(classes, [(x_uint8 (N,C,H,W), y_int64 (N,)) per split])``.
     """
-    root = Path(root)
     mode = {1: "L", 3: "RGB"}[channels]
-    listings: list[list[tuple[Path, int]]] = []
-    classes: list[str] = []
-    for split in splits:
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise AtxError(
-                f"{name} image folder '{split_dir}' not found: expected '{split_dir}/<class>/' "
-                f"folders next to '{root / splits[0]}'; add it or fix data.root"
-            )
-        found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-        if split == splits[0]:
-            classes = found
-            if not classes:
-                raise AtxError(f"no class folders in '{split_dir}'; add '{split_dir}/<class>/'")
-            if num_classes is not None and len(classes) != num_classes:
-                raise AtxError(
-                    f"'{split_dir}' has {len(classes)} class folders, {name} needs "
-                    f"{num_classes}; point data.root at a {name} copy"
-                )
-        elif found != classes:
-            only_first = sorted(set(classes) - set(found))
-            only_here = sorted(set(found) - set(classes))
-            raise AtxError(
-                f"class folders differ between '{root / splits[0]}' and '{split_dir}': only in "
-                f"{splits[0]}: {only_first}, only in {split}: {only_here}; make them match"
-            )
-        files: list[tuple[Path, int]] = []
-        for label, cls in enumerate(classes):
-            cls_files = sorted(
-                p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not cls_files:
-                raise AtxError(
-                    f"class folder '{split_dir / cls}' has no .png/.jpg/.jpeg images; "
-                    f"add images or remove the folder (in every split)"
-                )
-            files += [(p, label) for p in cls_files]
-        listings.append(files)
-
+    classes, listings = list_image_folder(root, splits, num_classes, name)
     out: list[tuple[Tensor, Tensor]] = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for files in listings:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from atx.data.base import IMAGE_EXTENSIONS, TensorImageDataModule, load_image_folder
+from atx.data.base import TensorImageDataModule, load_image_folder
+from atx.data.listing import IMAGE_EXTENSIONS
 from atx.errors import AtxError
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -32,7 +33,7 @@ CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
+]
 
 CIFAR100_CLASSES = """
 apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
@@ -170,7 +171,7 @@ class _CIFARDataModule(TensorImageDataModule):
             self.classes, [(x_train, y_train), (x_test, y_test)] = load_image_folder(
                 root, ("train", "test"), self.image_size, self.in_channels, self.num_classes,
                 self.name,
-            )  # fmt: skip
+            )
             return x_train, y_train, x_test, y_test
         meta = _unpickle(base / self.meta_file)
         self.classes = [_str(c) for c in _field(meta, self.names_key, base / self.meta_file)]

@@ -13,13 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from atx.data.folder import (
-    ImageFileDataModule,
-    SampleList,
-    missing_file_error,
-    read_list_file,
-    require_images,
-)
+from atx.data.folder import ImageFileDataModule
+from atx.data.listing import SampleList, missing_file_error, read_list_file, require_images
 from atx.errors import AtxError
 
 FOLDER = "CUB_200_2011"

@@ -29,7 +29,7 @@ FILES = {
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+]
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -13,13 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from atx.data.folder import (
-    ImageFileDataModule,
-    SampleList,
-    check_same_classes,
-    class_folders,
-    scan_class_folders,
-)
+from atx.data.folder import ImageFileDataModule
+from atx.data.listing import SampleList, check_same_classes, class_folders, scan_class_folders
 from atx.errors import AtxError
 
 

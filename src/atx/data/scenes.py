@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from atx.data.folder import (
-    ImageFileDataModule,
+from atx.data.folder import ImageFileDataModule
+from atx.data.listing import (
     SampleList,
     class_folders,
     missing_file_error,
