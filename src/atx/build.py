@@ -9,6 +9,8 @@ loaded; each failure is one ``AtxError`` line naming the config key and the fix.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +112,12 @@ def load_teacher(cfg: DictConfig, teacher: nn.Module, data: Any) -> None:
     load_state(teacher, state, path, "teacher")
 
 
-def resolve_layers(spec: Any, model_name: str, key: str) -> list[str]:
+def resolve_layers(
+    spec: Any, model_name: str, key: str, model: nn.Module | None = None
+) -> list[str]:
     """A preset name of the model (``all``, ``last2`` ...) or an explicit list of module names."""
     if isinstance(spec, str):
-        presets = layer_group_presets(model_name)
+        presets = layer_group_presets(model_name, model)
         if spec not in presets:
             known = ", ".join(presets) or "none"
             raise AtxError(
@@ -130,8 +134,15 @@ def active_terms(d: DictConfig) -> dict[str, Any]:
     return {name: d[name] for name, term in terms.items() if term.weight_of(d[name]) != 0}
 
 
-def plan_layers(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
-    """The (student layer, teacher layer) pairs of every active term that reads layers."""
+def plan_layers(
+    cfg: DictConfig,
+    student_net: nn.Module | None = None,
+    teacher_net: nn.Module | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> dict[str, list[tuple[str, str]]]:
+    """The (student layer, teacher layer) pairs of every active term that reads layers;
+    ``student_layers=auto`` pairs the models' ``all`` groups by resolution and depth
+    (:func:`auto_pairs`, which needs the networks and the input shape)."""
     plan = {}
     for name, conf in active_terms(cfg.distill).items():
         if not TERMS[name].reads_layers:
@@ -139,9 +150,22 @@ def plan_layers(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
         if cfg.teacher is None:
             build_teacher(cfg, 0, 0)  # raises the "needs a teacher" error
         key = f"distill.{name}"
-        student = resolve_layers(conf.student_layers, cfg.model.name, f"{key}.student_layers")
-        teacher_spec = conf.student_layers if conf.teacher_layers is None else conf.teacher_layers
-        teacher = resolve_layers(teacher_spec, cfg.teacher.name, f"{key}.teacher_layers")
+        if AUTO in (conf.student_layers, conf.teacher_layers):
+            s_all = resolve_layers("all", cfg.model.name, f"{key}.student_layers", student_net)
+            t_all = resolve_layers("all", cfg.teacher.name, f"{key}.teacher_layers", teacher_net)
+            if not s_all or not t_all or input_shape is None:
+                raise AtxError(f"{key}.student_layers=auto needs layer presets of both models;"
+                               f" give {key}.student_layers and {key}.teacher_layers as lists")
+            plan[name] = auto_pairs(student_net, teacher_net, s_all, t_all, input_shape)
+            print(f"atx: {key} layer pairs (auto, student <- teacher): "
+                  + ", ".join(f"{s} <- {t}" for s, t in plan[name]), file=sys.stderr)
+            continue
+        s_spec = conf.student_layers
+        student = resolve_layers(s_spec, cfg.model.name, f"{key}.student_layers", student_net)
+        teacher_spec = s_spec if conf.teacher_layers is None else conf.teacher_layers
+        teacher = resolve_layers(
+            teacher_spec, cfg.teacher.name, f"{key}.teacher_layers", teacher_net
+        )
         if len(student) != len(teacher):
             raise AtxError(
                 f"{key}: {len(student)} student layers {student} but {len(teacher)} teacher layers"
@@ -151,6 +175,36 @@ def plan_layers(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
             raise AtxError(f"{key}.student_layers is empty: name at least one layer group")
         plan[name] = list(zip(student, teacher, strict=True))
     return plan
+
+
+AUTO = "auto"  # distill.<term>.student_layers=auto: pairs chosen by auto_pairs
+
+
+def auto_pairs(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_groups: list[str],
+    teacher_groups: list[str],
+    input_shape: tuple[int, ...],
+) -> list[tuple[str, str]]:
+    """Each student group with the teacher group closest first in spatial resolution (the
+    ratio of map areas, in octaves), then in relative depth (position / number of groups)."""
+    s_shapes = probe_shapes(student, student_groups, input_shape, "student")
+    t_shapes = probe_shapes(teacher, teacher_groups, input_shape, "teacher")
+
+    def octaves(a: torch.Size, b: torch.Size) -> float:
+        return abs(math.log2((a[-2] * a[-1]) / (b[-2] * b[-1])))
+
+    pairs = []
+    for i, s in enumerate(student_groups):
+        depth = (i + 1) / len(student_groups)
+        t = min(
+            enumerate(teacher_groups),
+            key=lambda jt: (octaves(s_shapes[s], t_shapes[jt[1]]),
+                            abs(depth - (jt[0] + 1) / len(teacher_groups))),
+        )[1]
+        pairs.append((s, t))
+    return pairs
 
 
 def probe_shapes(
@@ -215,12 +269,14 @@ def teacher_given(cfg: DictConfig) -> bool:
     return bool(cfg.teacher.get("checkpoint"))
 
 
-def preset_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
+def preset_pairs(
+    cfg: DictConfig, student: nn.Module | None = None, teacher: nn.Module | None = None
+) -> list[tuple[str, str]]:
     """The models' ``all`` layer groups, paired, when no transfer term chose layers; empty
     when the models have no presets or different group counts."""
     try:
-        s = resolve_layers("all", cfg.model.name, "model")
-        t = resolve_layers("all", cfg.teacher.name, "teacher")
+        s = resolve_layers("all", cfg.model.name, "model", student)
+        t = resolve_layers("all", cfg.teacher.name, "teacher", teacher)
     except AtxError:
         return []
     return list(zip(s, t, strict=True)) if len(s) == len(t) else []
@@ -295,10 +351,10 @@ def build_module(
     ``data`` gives ``num_classes``, ``in_channels`` and ``image_size``. The teacher's weights
     are loaded once every layer name and shape is checked (``load_teacher_weights=False``:
     kept as they are, e.g. random for a benchmark)."""
-    plan = plan_layers(cfg)
-    first = next(iter(plan.values()), None)
-    pairs = (first or preset_pairs(cfg)) if teacher is not None else []
     shape = (data.in_channels, data.image_size, data.image_size)
+    plan = plan_layers(cfg, student, teacher, shape)
+    first = next(iter(plan.values()), None)
+    pairs = (first or preset_pairs(cfg, student, teacher)) if teacher is not None else []
     shapes = pair_shapes(cfg, plan, student, teacher, shape)
     if teacher is not None and load_teacher_weights:
         load_teacher(cfg, teacher, data)

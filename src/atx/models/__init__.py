@@ -26,10 +26,14 @@ __all__ = [
 ]
 
 
+Presets = dict[str, list[str]]
+
+
 @dataclass(frozen=True)
 class _Entry:
     builder: Callable[..., nn.Module]
-    presets: dict[str, list[str]] = field(default_factory=dict)
+    # fixed names, or computed from the built network (a family whose stages vary by arch)
+    presets: Presets | Callable[[nn.Module], Presets] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -41,10 +45,13 @@ def _groups(names: list[str]) -> dict[str, list[str]]:
 
 
 def register_model(
-    name: str, builder: Callable[..., nn.Module], presets: dict[str, list[str]] | None = None
+    name: str,
+    builder: Callable[..., nn.Module],
+    presets: Presets | Callable[[nn.Module], Presets] | None = None,
 ) -> None:
-    """Register `builder(num_classes=..., in_channels=..., **options)` under `name`."""
-    _REGISTRY[name] = _Entry(builder, dict(presets or {}))
+    """Register `builder(num_classes=..., in_channels=..., **options)` under `name`; `presets`
+    name its layer groups (`all`, `last2`, `last`, ...), or compute them from a built model."""
+    _REGISTRY[name] = _Entry(builder, presets if callable(presets) else dict(presets or {}))
 
 
 register_model("wrn", WideResNet, _groups(["group1", "group2", "group3"]))
@@ -85,9 +92,13 @@ def build_model(
         raise AtxError(f"{where}: {e}") from None
 
 
-def layer_group_presets(name: str) -> dict[str, list[str]]:
+def layer_group_presets(name: str, model: nn.Module | None = None) -> Presets:
     """Preset layer groups of model `name`, e.g. {"all": [...], "last2": [...], "last": [...]}.
 
-    Empty for `torchvision` (give submodule names yourself).
+    Empty for `torchvision` (give submodule names yourself). A family that computes its
+    presets from the network needs `model` (without it: none).
     """
-    return {k: list(v) for k, v in _entry(name).presets.items()}
+    presets = _entry(name).presets
+    if callable(presets):
+        presets = presets(model) if model is not None else {}
+    return {k: list(v) for k, v in presets.items()}
