@@ -151,8 +151,8 @@ def plan_layers(
             build_teacher(cfg, 0, 0)  # raises the "needs a teacher" error
         key = f"distill.{name}"
         if AUTO in (conf.student_layers, conf.teacher_layers):
-            s_all = resolve_layers("all", cfg.model.name, f"{key}.student_layers", student_net)
-            t_all = resolve_layers("all", cfg.teacher.name, f"{key}.teacher_layers", teacher_net)
+            s_all = layer_group_presets(cfg.model.name, student_net).get("all", [])
+            t_all = layer_group_presets(cfg.teacher.name, teacher_net).get("all", [])
             if not s_all or not t_all or input_shape is None:
                 raise AtxError(f"{key}.student_layers=auto needs layer presets of both models;"
                                f" give {key}.student_layers and {key}.teacher_layers as lists")
@@ -187,24 +187,33 @@ def auto_pairs(
     teacher_groups: list[str],
     input_shape: tuple[int, ...],
 ) -> list[tuple[str, str]]:
-    """Each student group with the teacher group closest first in spatial resolution (the
-    ratio of map areas, in octaves), then in relative depth (position / number of groups)."""
+    """The groups' map sizes for one dummy batch, paired by :func:`pair_by_size`."""
     s_shapes = probe_shapes(student, student_groups, input_shape, "student")
     t_shapes = probe_shapes(teacher, teacher_groups, input_shape, "teacher")
+    return pair_by_size(
+        [(s, tuple(s_shapes[s][-2:])) for s in student_groups],
+        [(t, tuple(t_shapes[t][-2:])) for t in teacher_groups],
+    )
 
-    def octaves(a: torch.Size, b: torch.Size) -> float:
-        return abs(math.log2((a[-2] * a[-1]) / (b[-2] * b[-1])))
 
-    pairs = []
-    for i, s in enumerate(student_groups):
-        depth = (i + 1) / len(student_groups)
-        t = min(
-            enumerate(teacher_groups),
-            key=lambda jt: (octaves(s_shapes[s], t_shapes[jt[1]]),
-                            abs(depth - (jt[0] + 1) / len(teacher_groups))),
-        )[1]
-        pairs.append((s, t))
-    return pairs
+def pair_by_size(
+    student: list[tuple[str, tuple[int, int]]], teacher: list[tuple[str, tuple[int, int]]]
+) -> list[tuple[str, str]]:
+    """Each student group (in depth order, with its map's (h, w)) with the teacher group
+    closest first in spatial resolution (the ratio of map areas, in octaves), then in relative
+    depth (position / number of groups); a teacher group may serve several student groups."""
+
+    def octaves(a: tuple[int, int], b: tuple[int, int]) -> float:
+        return abs(math.log2((a[0] * a[1]) / (b[0] * b[1])))
+
+    def distance(i: int, j: int) -> tuple[float, float]:
+        depth = abs((i + 1) / len(student) - (j + 1) / len(teacher))
+        return octaves(student[i][1], teacher[j][1]), depth
+
+    return [
+        (s, teacher[min(range(len(teacher)), key=lambda j, i=i: distance(i, j))][0])
+        for i, (s, _) in enumerate(student)
+    ]
 
 
 def probe_shapes(
