@@ -176,14 +176,14 @@ def test_named_groups(name: str, expected: dict[str, tuple]) -> None:
 
 
 def test_registry() -> None:
-    assert model_names() == ["nin", "resnet18", "resnet34", "torchvision", "wrn"]
+    assert model_names() == ["nin", "resnet18", "resnet34", "timm", "torchvision", "wrn"]
     assert layer_group_presets("torchvision") == {}
     assert layer_group_presets("resnet34")["last2"] == ["layer3", "layer4"]
     with pytest.raises(AtxError) as e:
         build_model("wrm", 10)
     assert str(e.value) == (
-        "model: unknown model 'wrm'; known models: nin, resnet18, resnet34, torchvision, wrn"
-        " (did you mean 'wrn'?)"
+        "model: unknown model 'wrm'; known models: nin, resnet18, resnet34, timm, torchvision,"
+        " wrn (did you mean 'wrn'?)"
     )
     with pytest.raises(AtxError) as e:
         build_model("wrn", 10, depht=16)

@@ -12,6 +12,7 @@ from torch import nn
 
 from atx.errors import AtxError
 from atx.models.nin import NIN
+from atx.models.timm_models import layer_groups, timm_model
 from atx.models.torchvision_models import resnet18, resnet34, torchvision
 from atx.models.wrn import WideResNet
 from atx.options import check_call, did_you_mean
@@ -41,6 +42,8 @@ _COMMON = ("num_classes", "in_channels")
 
 
 def _groups(names: list[str]) -> dict[str, list[str]]:
+    if not names:  # a network without groups has no presets (name its layers)
+        return {}
     return {"all": names, "last2": names[-2:], "last": names[-1:]}
 
 
@@ -59,6 +62,7 @@ register_model("nin", NIN, _groups(["block1", "block2", "block3"]))
 register_model("resnet18", resnet18, _groups(["layer1", "layer2", "layer3", "layer4"]))
 register_model("resnet34", resnet34, _groups(["layer1", "layer2", "layer3", "layer4"]))
 register_model("torchvision", torchvision)
+register_model("timm", timm_model, lambda net: _groups(layer_groups(net)))  # from the network
 
 
 def model_names() -> list[str]:
