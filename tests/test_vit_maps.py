@@ -77,6 +77,14 @@ def test_block_map_is_its_patch_tokens_on_the_grid(kind):
         assert torch.equal(feats["patch_embed"], model.patch_embed.proj(x))
 
 
+def test_padded_images_give_the_ceil_grid():
+    model = tiny_vit("class", dynamic_img_size=True, dynamic_img_pad=True)
+    taps = LayerTaps(model, ["blocks.0", "blocks.0.attn"], "student")
+    model(torch.randn(2, 3, 36, 41))  # padded to 40 x 48 pixels: 5 x 6 patches
+    assert {k: tuple(v.shape) for k, v in taps.outputs().items()} == {
+        "blocks.0": (2, DIM, 5, 6), "blocks.0.attn": (2, 1, 5, 6)}
+
+
 def test_probe_shapes_of_a_non_square_model():
     model = tiny_vit("registers", img_size=(32, 48))
     shapes = probe_shapes(model, ["blocks.0", "blocks.1.attn", "norm"], (3, 32, 48), "student")
