@@ -1,6 +1,7 @@
 """Maps of vision-transformer layers (atx.models.vit_maps through atx.features.LayerTaps): the
 activation map is a block's patch tokens on the patch grid, the self-attention map the class
-token's attention to the patches; the model itself is untouched. Tiny timm models, built here."""
+token's attention to the patches; the model itself is untouched. Tiny timm models, built here,
+then a real atx-train run (model=timm) whose logged agreement is recomputed from those maps."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import lightning as L
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from configs import compose_cfg
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from atx.attention import at_loss, spatial_map
-from atx.build import probe_shapes
+from atx.build import build_data, build_network, probe_shapes
 from atx.errors import AtxError
 from atx.features import LayerTaps
 from atx.losses import Objective, Schedule
@@ -22,6 +25,7 @@ from atx.models import build_model
 from atx.module import DistillModule
 from atx.optim import OptimConf
 from atx.terms import AttentionTransfer, CrossEntropy
+from atx.train import train
 
 PATCH, DIM, HEADS = 8, 32, 2
 
@@ -239,3 +243,72 @@ def test_at_from_a_cnn_teacher_trains_a_vit_student(tmp_path):
     start, end, _ = fit_vit_from_wrn(0.0, tmp_path)
     for a, b in zip(start, end, strict=True):
         assert b > 0.98 * a, (start, end)
+
+
+# --- through atx-train's config path: model=timm, a WRN teacher, Fashion-MNIST -----------------
+
+VIT_RUN = ["model=timm", "model.arch=vit_tiny_patch16_224", "model.img_size=28",
+           "model.patch_size=4", f"model.options={{depth:2,embed_dim:{DIM},num_heads:{HEADS}}}",
+           "data=fashion_mnist", "data.train_subset=32", "data.val_subset=16",
+           "data.batch_size=8", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+           "trainer.log_every_n_steps=1", "logger=csv", "figure_images=2",
+           "teacher=wrn_16_1", "teacher.depth=10", "distill=at", "distill.at.interpolate=true",
+           "distill.at.student_layers=[blocks.1,blocks.1.attn]",
+           "distill.at.teacher_layers=[group2,group3]"]
+PAIRS_28 = [("blocks.1", "group2"), ("blocks.1.attn", "group3")]  # 7x7 vs 14x14, 7x7 vs 7x7
+
+
+def agreement_by_hand(cfg, student_state: dict, teacher_state: dict) -> dict[str, float]:
+    """Mean cosine of the normalised F^2_sum maps on the test split: the ViT's from its hooked
+    block tokens and attention input (by hand), resized to the WRN's map size."""
+    data = build_data(cfg)
+    data.setup()
+    nets = {}
+    for who, node, state in (("s", cfg.model, student_state), ("t", cfg.teacher, teacher_state)):
+        nets[who] = build_network(node, who, data.num_classes, data.in_channels).eval()
+        nets[who].load_state_dict(state)
+    raw = {"blocks.1": hooked(nets["s"].blocks[1]), "attn": hooked(nets["s"].blocks[1].attn),
+           "group2": hooked(nets["t"].group2), "group3": hooked(nets["t"].group3)}
+    cos: dict[str, list[float]] = {"blocks.1": [], "blocks.1.attn": []}
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            x, _ = data.on_after_batch_transfer(batch, 0)
+            nets["s"](x)
+            nets["t"](x)
+            tokens = raw["blocks.1"]["output"]
+            maps = {
+                "blocks.1": tokens[:, 1:].transpose(1, 2).reshape(len(x), DIM, 7, 7),
+                "blocks.1.attn": attention_by_hand(nets["s"].blocks[1].attn,
+                                                   raw["attn"]["input"], True, 1),
+            }
+            for (s, t), f in zip(PAIRS_28, maps.values(), strict=True):
+                teacher_map = raw[t]["output"].pow(2).sum(1)
+                s_map = F.interpolate(f.pow(2).sum(1, keepdim=True), teacher_map.shape[-2:],
+                                      mode="bilinear", align_corners=False)[:, 0]
+                qs, qt = (F.normalize(m.flatten(1), dim=1) for m in (s_map, teacher_map))
+                cos[s] += (qs * qt).sum(1).tolist()
+    return {f"val/agreement/{s}": sum(v) / len(v) for s, v in cos.items()}
+
+
+def test_atx_train_at_into_a_timm_vit(tmp_path):
+    torch.manual_seed(1)
+    teacher_pt = tmp_path / "teacher.pt"
+    torch.save(build_model("wrn", num_classes=10, in_channels=1, depth=10, width=1).state_dict(),
+               teacher_pt)
+    cfg = compose_cfg([*VIT_RUN, f"teacher.checkpoint={teacher_pt}"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = train(cfg, run_dir)
+    assert (run_dir / "attention.png").is_file()
+    lines = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for s, _ in PAIRS_28:
+        at = header.index(f"train/at/{s}_step")
+        values = [float(r.split(",")[at]) for r in lines[1:] if r.split(",")[at]]
+        assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values), s
+    # the logged agreement is that of the saved student's ViT maps with the teacher's
+    student_state = torch.load(run_dir / "student.pt", weights_only=True)
+    expected = agreement_by_hand(cfg, student_state, torch.load(teacher_pt, weights_only=True))
+    for key, value in expected.items():
+        assert 0 < value < 1 and metrics[key] == pytest.approx(value, rel=1e-5), key
