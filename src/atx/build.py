@@ -129,8 +129,9 @@ def resolve_layers(
 
 
 def active_terms(d: DictConfig) -> dict[str, Any]:
-    """The options of every loss term switched on (non-zero weight), by name."""
-    terms = {name: term for name, term in TERMS.items() if term.Conf is not None}
+    """The options of every loss term switched on (non-zero weight), by name; CE is always on
+    (``build_objective`` adds it first)."""
+    terms = {n: t for n, t in TERMS.items() if t.Conf is not None and t is not CrossEntropy}
     return {name: d[name] for name, term in terms.items() if term.weight_of(d[name]) != 0}
 
 
@@ -306,7 +307,7 @@ def build_objective(
     of the terms that share it (KD's alpha)."""
     active = active_terms(d)
     shared = sum(TERMS[n].weight_of(c) for n, c in active.items() if TERMS[n].shares_ce_weight)
-    terms: list[Term] = [CrossEntropy(Schedule(1.0 - shared))]
+    terms: list[Term] = [CrossEntropy(Schedule(1.0 - shared), d.ce.label_smoothing)]
     for name, conf in active.items():
         setup = TermSetup(max_epochs, plan.get(name, []), list(shapes.get(name, [])))
         terms.append(TERMS[name].from_config(conf, setup))

@@ -19,6 +19,7 @@ from atx.cluster import check_sync_batchnorm
 from atx.config import check_schema_keys, train_schema
 from atx.errors import AtxError
 from atx.losses import TERMS
+from atx.optim import LRSchedule, OptimName, Recipe
 from atx.options import accepted_kwargs, check_keys, check_milestones, check_number
 
 
@@ -29,7 +30,7 @@ def check_config(cfg: DictConfig) -> None:
         raise AtxError(f"config value '{missing[0]}' is not set: pass {missing[0]}=<value>")
     check_schema_keys(cfg, train_schema())
     check_distill(cfg.distill)
-    check_optim(cfg.optim)
+    check_optim(cfg.optim, cfg.trainer.get("max_epochs"))
     check_run_options(cfg)
     allowed = accepted_kwargs(L.Trainer) - {"logger", "callbacks", "default_root_dir"}
     check_keys(cfg.trainer, allowed, "trainer")
@@ -44,15 +45,45 @@ def check_distill(d: DictConfig) -> None:
             term.check(d[name], f"distill.{name}")
 
 
-def check_optim(o: DictConfig) -> None:
-    """SGD settings torch would only reject at the first step (or never)."""
+def check_optim(o: DictConfig, max_epochs: Any = None) -> None:
+    """Optimiser and lr-schedule settings torch would only reject at the first step (or never);
+    ``max_epochs`` (trainer.max_epochs) is where a cosine schedule ends."""
     check_number(o.lr, "optim.lr", 0.0, strict=True)
     check_number(o.momentum, "optim.momentum", 0.0)
     check_number(o.weight_decay, "optim.weight_decay", 0.0)
     check_number(o.gamma, "optim.gamma", 0.0, strict=True)
     check_milestones(o.milestones, "optim.milestones")
+    for key in ("beta1", "beta2"):
+        if not 0 <= o[key] < 1:
+            raise AtxError(f"optim.{key}={o[key]} must lie in [0, 1)")
+    check_number(o.eps, "optim.eps", 0.0, strict=True)
+    check_number(o.min_lr, "optim.min_lr", 0.0)
+    check_number(o.warmup_epochs, "optim.warmup_epochs", 0, hint=" (0: no warm-up)")
+    if not 0 < o.warmup_start_factor <= 1:
+        raise AtxError(f"optim.warmup_start_factor={o.warmup_start_factor} must lie in (0, 1]")
+    sgd = OptimName(o.name) is OptimName.sgd
+    if o.nesterov and not sgd:
+        raise AtxError(f"optim.nesterov=true is an SGD option: drop it for optim.name={o.name}")
     if o.nesterov and o.momentum == 0:
         raise AtxError("optim.nesterov=true needs optim.momentum > 0")
+    if Recipe(o.recipe) is Recipe.authors:
+        for key, value in (("name", "sgd"), ("schedule", "step"), ("warmup_epochs", 0)):
+            if str(o[key]) != str(value):
+                raise AtxError(
+                    f"optim.recipe=authors is the authors' SGD step decay and needs"
+                    f" optim.{key}={value}, not {o[key]} (or set optim.recipe=standard)"
+                )
+    epochs = max_epochs if _is_int(max_epochs) and max_epochs >= 1 else None
+    cosine = LRSchedule(o.schedule) is LRSchedule.cosine
+    if cosine and epochs is None:
+        raise AtxError("optim.schedule=cosine ends at trainer.max_epochs: set trainer.max_epochs")
+    if cosine and not o.min_lr < o.lr:
+        raise AtxError(f"optim.min_lr={o.min_lr} must be below optim.lr={o.lr} for a cosine")
+    if epochs is not None and 0 < o.warmup_epochs and epochs <= o.warmup_epochs:
+        raise AtxError(
+            f"optim.warmup_epochs={o.warmup_epochs} must be below trainer.max_epochs={epochs}"
+            " (the warm-up would never end)"
+        )
 
 
 def check_run_options(cfg: DictConfig) -> None:

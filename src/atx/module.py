@@ -18,7 +18,7 @@ from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
 from atx.numerics import NanGuard
-from atx.optim import OptimConf, sgd_step_decay
+from atx.optim import OptimConf, configure_optimizers
 from atx.speed import SpeedConf, prepare_models, teacher_forward, to_layout
 
 HELDOUT = "heldout"  # metric prefix of the held-out training images (data.val_split)
@@ -298,4 +298,4 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in [*self.student.parameters(), *self.objective.parameters()]
                   if p.requires_grad]
-        return sgd_step_decay(params, self.optim)  # optim.recipe: standard or authors
+        return configure_optimizers(params, self.optim, self.trainer.max_epochs)  # atx.optim

@@ -41,14 +41,36 @@ from atx.losses import (
 from atx.options import check_number
 
 
+@dataclass
+class CEConf:
+    # atx's option for ViT recipes (the paper's CE has none): targets (1 - ls) on the true
+    # class plus ls / classes on every class, as F.cross_entropy's label_smoothing
+    label_smoothing: float = 0.0
+
+
 @register_term
 class CrossEntropy(Term):
-    """Cross-entropy with the true labels, ``L(W_S, x)``; weight 1 minus KD's alpha."""
+    """Cross-entropy with the true labels, ``L(W_S, x)``; weight 1 minus KD's alpha. Always
+    on (the builder adds it), so its options hold no weight."""
 
     name = "ce"
+    Conf = CEConf
+
+    def __init__(self, weight: Schedule, label_smoothing: float = 0.0) -> None:
+        super().__init__(weight)
+        self.label_smoothing = label_smoothing
+
+    @classmethod
+    def check(cls, conf: CEConf, key: str) -> None:
+        if not 0 <= conf.label_smoothing < 1:
+            raise AtxError(
+                f"{key}.label_smoothing={conf.label_smoothing} must lie in [0, 1) (0: plain CE)"
+            )
 
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: F.cross_entropy(out.logits.float(), out.targets)}
+        logits = out.logits.float()
+        loss = F.cross_entropy(logits, out.targets, label_smoothing=self.label_smoothing)
+        return {self.name: loss}
 
 
 @dataclass
