@@ -1,6 +1,6 @@
 """DDP with 2 CPU processes (gloo): ranks stay in sync and match one process on the same global
-batches, for grad-AT (double backward) and for activation AT + KD (beta means the same on 1 or N
-devices)."""
+batches, for grad-AT (double backward), for activation AT + KD (beta means the same on 1 or N
+devices) and for a ViT student's AT from a CNN teacher."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("kind", ["grad_at", "at_kd"])
+@pytest.mark.parametrize("kind", ["grad_at", "at_kd", "vit_at"])
 def test_ddp_two_ranks_equal_each_other_and_one_process(tmp_path, kind):
     run(tmp_path / "ddp", 2, kind)
     run(tmp_path / "single", 1, kind)
