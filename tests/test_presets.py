@@ -40,7 +40,10 @@ TABLE3_TEACHERS = ["cifar10_teacher_nin_wide_nobn", "cifar10_teacher_nin_wide_bn
 TABLE4 = ["t4_cub_resnet18-resnet34", "t4_scenes_resnet18-resnet34"]
 TABLE4_TEACHERS = ["cub_teacher_resnet34", "scenes_teacher_resnet34"]
 IMAGENET = ["t5_resnet18-resnet34", "imagenet_resnet34"]
-NOT_PAPER_ROWS = {"cifar10_short", "cifar10_short_teacher", "demo", "demo_teacher"}
+NOT_PAPER_ROWS = {"cifar10_short", "cifar10_short_teacher", "demo", "demo_teacher",
+                  # beyond the paper: ViTs (tests/test_vit_presets.py)
+                  "cifar10_teacher_vit_small", "cifar10_vit_tiny-wrn_16_2",
+                  "cifar10_vit_tiny-vit_small", "imagenet_deit_tiny-regnety_160"}
 
 
 def cfg_of(experiment: str, distill: str | None = None) -> DictConfig:
