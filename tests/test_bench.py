@@ -1,8 +1,10 @@
-"""scripts/bench.py: its statistics, its baselines' fidelity, and a --quick run of every row."""
+"""scripts/bench.py and its parts in scripts/benchlib: the statistics, the load meter and the
+round-robin both benchmarks share, the baselines' fidelity, and a --quick run of every row."""
 
 import importlib.util
 import json
 import mmap
+import os
 import re
 import statistics
 import subprocess
@@ -18,8 +20,23 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from atx.attention import at_loss
 from atx.models import build_model
+from atx.speed import MALLOC_ENV
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+sys.path.insert(0, str(SCRIPT.parent))  # benchlib, as when the script runs
+
+from benchlib import (  # noqa: E402
+    authors,
+    load,
+    probes,
+    report,
+    results,
+    rounds,
+    rows,
+    steps,
+    timing,
+    workers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +48,14 @@ def bench():
     return module
 
 
-def test_statistics(bench) -> None:
-    assert bench.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert bench.quantile([1.0, 2.0], 0.1) == pytest.approx(1.1)
-    s = bench.summarize([0.1, 0.2, 0.3], batch_size=128)
+def test_statistics() -> None:
+    assert timing.p10_p90([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == pytest.approx((1.5, 5.5))
+    assert timing.p10_p90([1.0, 2.0]) == pytest.approx((1.1, 1.9))
+    assert timing.p10_p90([3.0]) == (3.0, 3.0)  # one round: its value
+    assert timing.spread_text([3.0]) == "3.000 (3.000-3.000, 1)" and timing.spread_text([]) == "-"
+    s = timing.summarize([0.1, 0.2, 0.3], batch_size=128)
     assert s["median_ms"] == pytest.approx(200.0) and s["img_s"] == pytest.approx(640.0)
+    assert s["p10_ms"] == pytest.approx(120.0) and s["spread"] == pytest.approx(280 / 120)
     med = {
         "teacher forward": 1.0,
         "student atx": 1.0,
@@ -45,7 +65,7 @@ def test_statistics(bench) -> None:
         "AT+KD authors": 3.0,
         "AT+KD atx fastest": 1.5,
     }
-    r = bench.ratios(med)
+    r = rows.ratios(med)
     assert r["AT / (student + teacher forward), atx"] == pytest.approx(1.1)
     assert r["atx / raw: AT"] == pytest.approx(1.1)
     assert r["speed-up vs authors: AT+KD float32 NCHW (target >= 1.0)"] == pytest.approx(1.5)
@@ -55,7 +75,7 @@ def test_statistics(bench) -> None:
 
 def test_parse_args(bench) -> None:
     args = bench.parse_args([])
-    assert [r.name for r in args.row_list] == [r.name for r in bench.ROWS]
+    assert [r.name for r in args.row_list] == [r.name for r in rows.ROWS]
     assert any(r.compile for r in args.row_list)
     quick = bench.parse_args(["--quick"])
     assert (quick.steps, quick.batch_size, quick.threads) == (2, 4, 1)
@@ -70,33 +90,33 @@ def test_parse_args(bench) -> None:
         bench.parse_args(["--threads", "1", "--rows", "AT+KD atx ddp 2 processes"])
 
 
-def test_authors_step_mirrors_the_same_network_and_loss(bench) -> None:
+def test_authors_step_mirrors_the_same_network_and_loss() -> None:
     """The 'authors' baseline runs our WRN's weights through their functional net: same
     logits and group outputs (train-mode BN); their at_loss equals ours for p = 2."""
     torch.manual_seed(0)
     model = build_model("wrn", num_classes=10, depth=16, width=1).train()
     feats = {}
-    for g in bench.GROUPS:
+    for g in rows.GROUPS:
         model.get_submodule(g).register_forward_hook(
             lambda _m, _i, out, g=g: feats.__setitem__(g, out)
         )
     params = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(4, 3, 32, 32)
-    logits, groups = bench.authors_wrn(params, x, True)
+    logits, groups = authors.wrn(params, x, True)
     torch.testing.assert_close(logits, model(x))
-    for g, out in zip(bench.GROUPS, groups, strict=True):
+    for g, out in zip(rows.GROUPS, groups, strict=True):
         torch.testing.assert_close(out, feats[g])
     torch.testing.assert_close(params["bn.running_mean"], model.bn.running_mean)  # stats moved
     t = torch.randn(4, 32, 8, 8)
-    torch.testing.assert_close(bench.authors_at_loss(groups[2], t), at_loss(groups[2], t))
+    torch.testing.assert_close(authors.at_loss(groups[2], t), at_loss(groups[2], t))
 
 
-def test_raw_loop_takes_the_same_step_as_atx(bench) -> None:
+def test_raw_loop_takes_the_same_step_as_atx() -> None:
     """The raw baseline computes what the atx AT+KD module computes: after one SGD step from
     the same weights on the same batch, the students agree."""
-    batches = bench.make_batches(1, 4)
-    atx = bench.make_runner(bench.BY_NAME["AT+KD atx"], batches)
-    raw = bench.make_runner(bench.BY_NAME["AT+KD raw"], batches)
+    batches = steps.make_batches(1, 4)
+    atx = workers.make_runner(rows.BY_NAME["AT+KD atx"], batches)
+    raw = workers.make_runner(rows.BY_NAME["AT+KD raw"], batches)
     atx(1)
     raw(1)
     for (name, a), b in zip(
@@ -124,16 +144,18 @@ def expected_per_step(row) -> Counter:
 class Counted:
     """A runner whose every call checks that each timed step ran what its row names."""
 
-    def __init__(self, bench, row, runner, calls: Counter, monkeypatch) -> None:
+    def __init__(self, row, runner, calls: Counter, monkeypatch) -> None:
         self.row, self.runner, self.calls = row, runner, calls
         count = self.count
         if row.path == "authors":  # a functional net: count the calls per weight dict
-            wrn = bench.authors_wrn
-            monkeypatch.setattr(bench, "authors_wrn", lambda ps, *a: (
+            wrn = authors.wrn
+            monkeypatch.setattr(authors, "wrn", lambda ps, *a: (
                 count("student" if ps is runner.ps else "teacher"), wrn(ps, *a))[1])
-            for name, key in (("authors_at_loss", "at"), ("authors_distillation", "kd")):
-                fn = getattr(bench, name)
-                monkeypatch.setattr(bench, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1])
+            for name, key in (("at_loss", "at"), ("distillation", "kd")):
+                fn = getattr(authors, name)
+                monkeypatch.setattr(
+                    authors, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1]
+                )
             return
         nets = runner.module if row.path == "atx" else runner
         for who in ("student", "teacher"):
@@ -148,9 +170,11 @@ class Counted:
                     fn = term.losses
                     term.losses = lambda out, fn=fn, key=term.name: (count(key), fn(out))[1]
         else:
-            for name, key in (("at_loss", "at"), ("kd_loss", "kd")):
-                fn = getattr(bench, name)
-                monkeypatch.setattr(bench, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1])
+            for name, key in (("at_loss", "at"), ("kd_loss", "kd")):  # the raw loop's
+                fn = getattr(steps, name)
+                monkeypatch.setattr(
+                    steps, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1]
+                )
 
     def count(self, key: str) -> None:
         if self.calls.get("runner") == self.row.name:  # only while this row's call runs
@@ -169,9 +193,6 @@ class Counted:
         self.calls.clear()
         return times
 
-    def cpu_s(self) -> float:
-        return self.runner.cpu_s()
-
     def close(self) -> None:
         self.runner.close()
 
@@ -189,7 +210,7 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys, monkeypatch) -> Non
         if row.own_process:  # its steps run in a worker process: out of reach of hooks
             return runner
         counted.append(row.name)
-        return Counted(bench, row, runner, calls, monkeypatch)
+        return Counted(row, runner, calls, monkeypatch)
 
     monkeypatch.setattr(bench, "make_runner", counting_runner)
     handle = register_optimizer_step_post_hook(
@@ -201,11 +222,11 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys, monkeypatch) -> Non
     finally:
         handle.remove()
         torch.set_num_threads(threads)
-    rows = bench.parse_args(["--quick"]).row_list
-    assert counted == [r.name for r in rows if not r.own_process]
-    assert [r.name for r in rows if r.own_process] == ["AT+KD authors glibc malloc"]
+    quick = bench.parse_args(["--quick"]).row_list
+    assert counted == [r.name for r in quick if not r.own_process]
+    assert [r.name for r in quick if r.own_process] == ["AT+KD authors glibc malloc"]
     out = capsys.readouterr().out
-    for row in rows:
+    for row in quick:
         cells = f"| {row.method} | {row.path} | {row.options or '-'} |"
         assert cells in out, cells
     for label in (
@@ -237,21 +258,22 @@ def named_rows(label: str) -> tuple[list[str], list[str]]:
     raise AssertionError(f"ratio label {label!r} names no rows this test knows")
 
 
-def test_every_ratio_divides_the_rows_its_label_names(bench) -> None:
+def test_every_ratio_divides_the_rows_its_label_names() -> None:
     """Each ratio is the summed medians of the rows its label names, numerator over
     denominator: checked with a distinct random median per row, and in the report's table."""
     g = torch.Generator().manual_seed(0)
-    med = {name: 0.05 + torch.rand(1, generator=g).item() for name in bench.BY_NAME}
-    got = bench.ratios(med)
-    assert set(got) == {label for label, _, _ in bench.RATIOS}
+    med = {name: 0.05 + torch.rand(1, generator=g).item() for name in rows.BY_NAME}
+    got = rows.ratios(med)
+    assert set(got) == {label for label, _, _ in rows.RATIOS}
     for label, value in got.items():
         num, den = named_rows(label)
         assert value == pytest.approx(sum(med[n] for n in num) / sum(med[d] for d in den)), label
     # report(): the ratios of the rows' medians over all their kept steps
-    blocks = [bench.Block("AT atx", 1, [0.30, 0.10], 0.0), bench.Block("AT atx", 2, [0.26], 0.0),
-              bench.Block("AT raw", 1, [0.20], 0.0), bench.Block("student atx", 1, [0.08], 0.0),
-              bench.Block("teacher forward", 1, [0.12], 0.0)]
-    table, _ = bench.report(bench.Result(blocks=blocks, batch_size=4))
+    Block = rounds.Block
+    blocks = [Block("AT atx", 1, [0.30, 0.10], 0.0), Block("AT atx", 2, [0.26], 0.0),
+              Block("AT raw", 1, [0.20], 0.0), Block("student atx", 1, [0.08], 0.0),
+              Block("teacher forward", 1, [0.12], 0.0)]
+    table, _ = results.report(results.Result(blocks=blocks, batch_size=4))
     assert f"| atx / raw: AT | {0.26 / 0.20:.3f} |" in table
     assert f"| AT / (student + teacher forward), atx | {0.26 / (0.08 + 0.12):.3f} |" in table
     assert "atx / raw: KD" not in table
@@ -276,14 +298,14 @@ class PageToucher:
         return self.TIMES[:steps]
 
 
-def test_probe_measures_the_steps_it_times(bench, monkeypatch) -> None:
+def test_probe_measures_the_steps_it_times(monkeypatch) -> None:
     """probe_row: warm-up first, then the timed steps; the median of their times, and the
     faults and memory rise of steps that touch 32 MB of fresh pages each."""
     fake = PageToucher()
     built = []
-    monkeypatch.setattr(bench, "make_runner", lambda row, b: built.append((row, b)) or fake)
-    probe = bench.probe_row(bench.BY_NAME["AT atx"], steps=3, warmup=1, batch_size=4)
-    assert fake.calls == [1, 3] and built[0][0] == bench.BY_NAME["AT atx"]
+    monkeypatch.setattr(workers, "make_runner", lambda row, b: built.append((row, b)) or fake)
+    probe = probes.probe_row(rows.BY_NAME["AT atx"], steps=3, warmup=1, batch_size=4)
+    assert fake.calls == [1, 3] and built[0][0] == rows.BY_NAME["AT atx"]
     assert [x.shape[0] for x, _ in built[0][1]] == [4, 4]
     assert probe["ms"] == pytest.approx(statistics.median(PageToucher.TIMES) * 1e3)
     pages = (PageToucher.MB << 20) // mmap.PAGESIZE
@@ -302,47 +324,101 @@ def test_probe_in_a_fresh_process(bench, monkeypatch) -> None:
         seen.append((cmd, env))
         return run(cmd, env=env, **kw)
 
-    monkeypatch.setattr(bench.subprocess, "run", spy)
-    probe = bench.run_probe("AT atx", "mallopt", args)
+    monkeypatch.setattr(probes.subprocess, "run", spy)
+    probe = probes.run_probe("AT atx", "mallopt", args)
     cmd, env = seen[0]
     assert cmd[1:] == [str(SCRIPT), "--probe", "AT atx", "--allocator", "mallopt", "--probe-steps",
                        "2", "--warmup", "1", "--batch-size", "4", "--threads", "1"]
-    assert not {*bench.MALLOC_ENV, "ATX_MALLOC"} & set(env)
+    assert not {*MALLOC_ENV, "ATX_MALLOC"} & set(env)
     assert set(probe) == {"ms", "faults", "peak_mb", "rss_mb", "load"}
     assert probe["rss_mb"] > probe["peak_mb"]  # the rise is part of the high-water mark
-    text = bench.probe_report({("AT atx", "mallopt"): probe})
+    text = probes.probe_report({("AT atx", "mallopt"): probe})
     assert "| AT atx | mallopt |" in text
     printed = {"ms": 1.5, "faults": 2.0, "peak_mb": 3.0, "rss_mb": 4.0}
     fake = SimpleNamespace(returncode=0, stdout="noise\n" + json.dumps(printed) + "\n")
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, env, **kw: seen.append((cmd, env))
+    monkeypatch.setattr(probes.subprocess, "run", lambda cmd, env, **kw: seen.append((cmd, env))
                         or fake)
-    measured = bench.run_probe("AT atx", "env", args)
+    measured = probes.run_probe("AT atx", "env", args)
     assert {k: v for k, v in measured.items() if k != "load"} == printed
-    assert {k: seen[-1][1][k] for k in bench.MALLOC_ENV} == {
-        k: str(v) for k, v in bench.MALLOC_ENV.items()
-    }
+    assert {k: seen[-1][1][k] for k in MALLOC_ENV} == {k: str(v) for k, v in MALLOC_ENV.items()}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_ddp_row_runs_blocks_in_two_worker_processes(bench) -> None:
+def test_ddp_row_runs_blocks_in_two_worker_processes() -> None:
     """The DDP row: two persistent Lightning DDP workers (gloo) run each block when told, rank
-    0 reports one time per step, their CPU time is known (so it is not 'other load'), and both
-    exit cleanly when closed."""
-    row = bench.BY_NAME["AT+KD atx ddp 2 processes"]
+    0 reports one time per step, the load meter counts their CPU time as ours (so it is not
+    'other load'), and both exit cleanly when closed."""
+    row = rows.BY_NAME["AT+KD atx ddp 2 processes"]
     with pytest.raises(SystemExit, match="does not split"):
-        bench.make_runner(row, bench.make_batches(1, 4), threads=3)
-    runner = bench.make_runner(row, bench.make_batches(2, 4), threads=2)
+        workers.make_runner(row, steps.make_batches(1, 4), threads=3)
+    runner = workers.make_runner(row, steps.make_batches(2, 4), threads=2)
     procs = list(runner.procs)
     try:
-        cpu0 = runner.cpu_s()
+        assert {p.pid for p in procs} <= set(load.descendants(os.getpid()))
+        cpu0 = sum(load.proc_cpu_s(p.pid) for p in procs)
         t0 = time.perf_counter()
         first = runner(2)
         wall = time.perf_counter() - t0
         second = runner(1)
         assert len(first) == 2 and len(second) == 1
         assert sum(first) <= wall  # seconds of steps that ran inside this block
-        assert runner.cpu_s() > cpu0  # the workers' own CPU time, growing as they step
+        assert sum(load.proc_cpu_s(p.pid) for p in procs) > cpu0  # growing as they step
     finally:
         runner.close()
     assert [p.returncode for p in procs] == [0, 0]
-    assert runner.cpu_s() == 0.0  # no workers left to count
+    assert not {p.pid for p in procs} & set(load.descendants(os.getpid()))
+
+
+def test_load_meter_counts_our_children_as_ours() -> None:
+    """A busy child is ours while it runs and once reaped: own_cpu_s grows by its CPU time."""
+    own0 = load.own_cpu_s()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ninput()"],
+                             stdin=subprocess.PIPE, text=True)
+    busy = 0.25  # of the child's 0.3 s spin: /proc counts whole clock ticks
+    deadline = time.monotonic() + 60
+    try:
+        while child.pid not in load.descendants(os.getpid()) or load.proc_cpu_s(child.pid) < busy:
+            assert time.monotonic() < deadline, "the child never showed its CPU time"
+            time.sleep(0.05)
+        assert load.own_cpu_s() - own0 >= busy - 1e-9  # living: read from /proc/<pid>/stat
+    finally:
+        child.communicate("\n", timeout=30)
+    assert load.own_cpu_s() - own0 >= busy - 1e-9  # reaped: in os.times()' children fields
+    meter = load.LoadMeter()
+    meter.start()
+    time.sleep(0.05)
+    other = meter.stop()
+    assert other is None or other >= 0.0
+
+
+def test_round_robin_turns_and_tables() -> None:
+    """Every task takes one turn per round, in order; None gives no block; the rounds are drawn
+    after the caller saw the previous round. md_table aligns the first columns left."""
+    ran: list[tuple[str, int]] = []
+
+    def task(name: str):
+        def turn(rnd: int) -> int | None:
+            ran.append((name, rnd))
+            return None if (name, rnd) == ("b", 2) else rnd
+
+        return turn
+
+    tasks = {name: task(name) for name in ("a", "b")}
+    seen: list[int] = []
+
+    def more():
+        for rnd in (1, 2, 3):
+            if len(seen) == 2:  # stop once two rounds came back
+                return
+            yield rnd
+
+    for rnd, blocks in rounds.round_robin(tasks, more()):
+        seen.append(rnd)
+        assert [(b.name, b.round, b.value) for b in blocks] == [
+            (n, rnd, rnd) for n in ("a", "b") if not (n == "b" and rnd == 2)
+        ]
+    assert seen == [1, 2] and ran == [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert report.md_table(("x", "y", "z"), [(1, "2", 3.5)], left=2) == [
+        "| x | y | z |", "|---|---|---:|", "| 1 | 2 | 3.5 |"
+    ]

@@ -292,7 +292,8 @@ def test_bench_data_quick_mode_runs(tmp_path: Path) -> None:
     assert "speed-up of channels_last: " in result.stdout
 
 
-def test_bench_data_refuses_gpu_options_on_the_cpu(capsys) -> None:
+def test_bench_data_refuses_gpu_options_on_the_cpu(capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # its parts: scripts/benchlib
     spec = importlib.util.spec_from_file_location("bench_data", REPO / "scripts" / "bench_data.py")
     bench_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_data)
