@@ -18,6 +18,7 @@ from torch import nn
 
 from atx.errors import AtxError, reason
 from atx.files import is_state_dict, read_tensors
+from atx.models.pretrained import fit_pretrained
 from atx.options import did_you_mean
 
 # the builder's own options; options={...} may not repeat them (nor what atx sets from the data)
@@ -148,30 +149,11 @@ def load_timm_weights(model: nn.Module, weights_path: str) -> None:
     from timm.models import adapt_input_conv
 
     state = _filtered(model, read_weights(weights_path), weights_path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise AtxError(
-            f"weights file '{weights_path}' does not match the model: "
-            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
-    for head in classifier_names(model):
-        keys = [k for k in state if k.startswith(f"{head}.")]
-        if any(state[k].shape != own[k].shape for k in keys):
-            for k in keys:  # another class count: keep the model's fresh classifier
-                del state[k]
-    convs = {f"{c}.weight" for c in _first_conv(model)}
-    for key in [k for k in state if state[k].shape != own[k].shape]:
-        w, want = state[key], own[key].shape
-        if key in convs and w.dim() == 4 and (w.shape[0], *w.shape[2:]) == (want[0], *want[2:]):
-            state[key] = adapt_input_conv(want[1], w, base_chans=w.shape[1])
-        else:
-            raise AtxError(
-                f"weights file '{weights_path}' does not match the model: key '{key}' has shape "
-                f"{tuple(w.shape)}, the model expects {tuple(want)}"
-            )
-    model.load_state_dict(state, strict=False)
+    fit_pretrained(
+        model, state, weights_path, classifier_names(model),
+        [f"{c}.weight" for c in _first_conv(model)],
+        lambda w, chans: adapt_input_conv(chans, w, base_chans=w.shape[1]),
+    )
 
 
 def _quarters(names: list[str]) -> list[str]:

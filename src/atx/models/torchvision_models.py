@@ -12,6 +12,7 @@ from torch import nn
 
 from atx.errors import AtxError
 from atx.files import is_state_dict, read_tensors
+from atx.models.pretrained import fit_pretrained
 from atx.options import did_you_mean
 
 
@@ -76,28 +77,9 @@ def load_pretrained(model: nn.Module, weights_path: str) -> None:
     state = read_tensors(path, "weights file")
     if not is_state_dict(state):
         raise AtxError(f"weights file '{weights_path}' does not hold a state dict of tensors")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise AtxError(
-            f"weights file '{weights_path}' does not match the model: "
-            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
-    fc = _classifier_prefix(model)
-    conv = _first_conv(model)
-    state = dict(state)
-    for key in [k for k in state if state[k].shape != own[k].shape]:
-        if fc is not None and key.rpartition(".")[0] == fc:
-            del state[key]  # other num_classes: keep the model's fresh classifier
-        elif conv is not None and key == f"{conv[0]}.weight" and state[key].shape[1] == 3:
-            state[key] = _adapt_input_conv(state[key], own[key].shape[1])
-        else:
-            raise AtxError(
-                f"weights file '{weights_path}' does not match the model: key '{key}' has shape "
-                f"{tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
-            )
-    model.load_state_dict(state, strict=False)
+    fc, conv = _classifier_prefix(model), _first_conv(model)
+    fit_pretrained(model, state, weights_path, [fc] if fc else [],
+                   [f"{conv[0]}.weight"] if conv else [], _adapt_input_conv)
 
 
 def pretrained_weights_file(arch: str, weights: str) -> str:
