@@ -1,13 +1,15 @@
-"""Callbacks hooked into the Trainer: attention-map figures during training, and the epoch
-chosen on the held-out training images (``data.val_split``)."""
+"""Callbacks hooked into the Trainer: attention-map figures during training, the epoch chosen
+on the held-out training images (``data.val_split``), and epoch times."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 
 class AttentionFigures(L.Callback):
@@ -81,3 +83,35 @@ class HeldOutSelection(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict.get("history", [])]
+
+
+class EpochTimes(L.Callback):
+    """Wall seconds of each training epoch of this launch, the evaluation inside it apart
+    (``metrics.json``: ``epoch_seconds``, ``eval_seconds``); CUDA work is waited for at each
+    mark, so a GPU epoch is timed to its last kernel."""
+
+    def __init__(self) -> None:
+        self.epoch_seconds: list[float] = []
+        self.eval_seconds: list[float] = []
+        self._epoch = self._eval = 0.0
+        self._eval_total = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._epoch, self._eval_total = self._now(), 0.0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._eval = self._now()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._eval_total += self._now() - self._eval
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.epoch_seconds.append(round(self._now() - self._epoch, 4))
+        self.eval_seconds.append(round(self._eval_total, 4))

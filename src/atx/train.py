@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from atx import build
-from atx.callbacks import AttentionFigures, HeldOutSelection
+from atx.callbacks import AttentionFigures, EpochTimes, HeldOutSelection
 from atx.checkpoints import STUDENT_FILE
 from atx.checks import check_config
 from atx.cluster import (
@@ -136,8 +136,8 @@ def train(
 def run_callbacks(
     cfg: DictConfig, run: build.Run, run_dir: Path, selection: HeldOutSelection | None
 ) -> list[Any]:
-    """Best + last checkpoints (first: :func:`export` reads it), the lr, step checkpoints, the
-    held-out selection and the attention figures of the run."""
+    """Best + last checkpoints (first: :func:`export` reads it), the lr, step checkpoints,
+    epoch times, the held-out selection and the attention figures of the run."""
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -150,6 +150,7 @@ def run_callbacks(
         # that saved a best-epoch file, and a resume starts from the newest checkpoint
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None),
         LearningRateMonitor(logging_interval="epoch"),
+        EpochTimes(),
         *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                               configured_teacher(cfg)),
     ]
@@ -181,6 +182,8 @@ def export(
         **metrics,
         "best/val_error": float(best_score) if best_score is not None else None,
         **(selection.summary() if selection else {}),  # best/val_error: still the test's
+        **next(({"epoch_seconds": c.epoch_seconds, "eval_seconds": c.eval_seconds}
+                for c in trainer.callbacks if isinstance(c, EpochTimes)), {}),
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     if run.pairs and cfg.figure_images > 0:
