@@ -111,13 +111,25 @@ def test_local_parallel_jobs(tmp_path):
 def test_gpu_claims_are_exclusive(tmp_path):
     first, second = GpuClaim(2, tmp_path), GpuClaim(2, tmp_path)
     assert (first.index, second.index) == (0, 1)
-    with pytest.raises(AtxError, match="all 2 GPUs are taken"):
+    with pytest.raises(AtxError, match=r"all 2 GPU places \(2 GPUs x jobs_per_gpu=1\) are taken"):
         GpuClaim(2, tmp_path)
     first.release()
     third = GpuClaim(2, tmp_path)
     assert third.index == 0
     second.release()
     third.release()
+
+
+def test_packed_claims_fill_every_gpu_before_sharing_one(tmp_path):
+    """jobs_per_gpu=3 on 2 GPUs: 6 places, spread 0, 1, 0, 1, 0, 1; a 7th job is refused."""
+    claims = [GpuClaim(2, tmp_path, per_gpu=3) for _ in range(6)]
+    assert [c.index for c in claims] == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(AtxError, match=r"all 6 GPU places \(2 GPUs x jobs_per_gpu=3\)"):
+        GpuClaim(2, tmp_path, per_gpu=3)
+    claims[3].release()  # a job on GPU 1 ends: the next one takes its place
+    assert GpuClaim(2, tmp_path, per_gpu=3).index == 1
+    for c in claims:
+        c.release()
 
 
 def evaluate(student_pt: Path, overrides: list[str]) -> dict[str, float]:
@@ -243,3 +255,29 @@ def test_sync_batchnorm_on_the_cpu_is_refused_before_training(tmp_path):
     with pytest.raises(AtxError, match="sync_batchnorm=true needs GPUs"):
         train(cfg, tmp_path)
     assert not os.listdir(tmp_path)
+
+
+def test_a_packed_job_takes_a_place_on_the_one_gpu(tmp_path, monkeypatch):
+    """One GPU, jobs_per_gpu=2: each joblib job is given trainer.devices=[0] while it runs,
+    a third concurrent job is refused, and a finished job frees its place."""
+    from omegaconf import OmegaConf
+
+    from atx.cluster import gpu_of_this_job
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    hc = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.joblib.JoblibLauncher"},
+                           "sweep": {"dir": str(tmp_path)}})
+
+    def job() -> object:
+        cfg = OmegaConf.create({"trainer": {"accelerator": "gpu", "devices": 1},
+                                "jobs_per_gpu": 2})
+        return cfg, gpu_of_this_job(cfg, hc)
+
+    (a, ctx_a), (b, ctx_b), (c, ctx_c) = job(), job(), job()
+    with ctx_a, ctx_b:
+        assert list(a.trainer.devices) == list(b.trainer.devices) == [0]
+        with pytest.raises(AtxError, match="all 2 GPU places"), ctx_c:
+            pass
+    c, ctx_c = job()  # a context manager is used once: a new job
+    with ctx_c:
+        assert list(c.trainer.devices) == [0]

@@ -91,8 +91,9 @@ def check_run_options(cfg: DictConfig) -> None:
     for key in ("figure_images", "figure_every_n_epochs"):
         if cfg[key] < 0:
             raise AtxError(f"{key}={cfg[key]} must be >= 0 (0 turns it off)")
-    if cfg.nan_skip_limit < 1:
-        raise AtxError(f"nan_skip_limit={cfg.nan_skip_limit} must be >= 1")
+    for key in ("nan_skip_limit", "jobs_per_gpu"):
+        if cfg[key] < 1:
+            raise AtxError(f"{key}={cfg[key]} must be >= 1")
     devices = device_count(cfg.trainer.get("devices", "auto"))
     if cfg.nan_policy == "skip" and ((devices or 1) > 1 or cfg.trainer.get("num_nodes", 1) > 1):
         raise AtxError(

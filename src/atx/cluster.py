@@ -115,22 +115,26 @@ def check_launcher_matches_trainer(launcher: dict[str, Any], trainer: dict[str, 
 
 
 class GpuClaim:
-    """A GPU held by this process for its lifetime: the first of ``count`` GPUs whose lock file
-    no other job holds. For local parallel sweeps (``hydra/launcher=parallel``): each job trains
-    on its own GPU, however the launcher orders the jobs."""
+    """A place on a GPU held by this process for its lifetime: the first of ``count`` GPUs with
+    one of its ``per_gpu`` slots free (a lock file no other job holds). For local parallel
+    sweeps (``hydra/launcher=parallel``): each job trains on a GPU of its own, or
+    ``jobs_per_gpu`` small jobs share each GPU (packed), however the launcher orders them."""
 
-    def __init__(self, count: int, lock_dir: str | Path) -> None:
+    def __init__(self, count: int, lock_dir: str | Path, per_gpu: int = 1) -> None:
         self.index: int | None = None
         self._file: IO[str] | None = None
         Path(lock_dir).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            handle = try_lock(Path(lock_dir) / f"gpu{i}.lock")
-            if handle is not None:
-                self.index, self._file = i, handle
-                return
+        for slot in range(per_gpu):  # fill every GPU's first slot before any second one
+            for i in range(count):
+                name = f"gpu{i}.lock" if slot == 0 else f"gpu{i}.slot{slot}.lock"
+                handle = try_lock(Path(lock_dir) / name)
+                if handle is not None:
+                    self.index, self._file = i, handle
+                    return
+        places = count * per_gpu
         raise AtxError(
-            f"all {count} GPUs are taken by other jobs of this machine (locks in '{lock_dir}');"
-            f" set hydra.launcher.n_jobs <= {count}"
+            f"all {places} GPU places ({count} GPUs x jobs_per_gpu={per_gpu}) are taken by other"
+            f" jobs of this machine (locks in '{lock_dir}'); set hydra.launcher.n_jobs <= {places}"
         )
 
     def release(self) -> None:
@@ -172,14 +176,16 @@ def check_sweep_strategy(cfg: DictConfig, launcher: str) -> None:
 @contextmanager
 def gpu_of_this_job(cfg: DictConfig, hc: Any) -> Iterator[None]:
     """Local parallel sweeps (``hydra/launcher=parallel``) on a GPU machine: each one-device job
-    trains on a GPU no other job of the machine holds (``trainer.devices=[i]``)."""
+    trains on a GPU no other job of the machine holds (``trainer.devices=[i]``), or on one of
+    its ``jobs_per_gpu`` places: small runs packed on a large GPU."""
     t = cfg.trainer
     joblib = "joblib" in str(hc.launcher.get("_target_", ""))
     one_gpu = str(t.accelerator) in ("gpu", "cuda") and str(t.devices) == "1"
-    if not (joblib and one_gpu and torch.cuda.device_count() > 1):
+    per_gpu = cfg.get("jobs_per_gpu", 1)
+    if not (joblib and one_gpu and (torch.cuda.device_count() > 1 or per_gpu > 1)):
         yield
         return
-    claim = GpuClaim(torch.cuda.device_count(), Path(hc.sweep.dir) / ".gpu_locks")
+    claim = GpuClaim(torch.cuda.device_count(), Path(hc.sweep.dir) / ".gpu_locks", per_gpu)
     try:
         with open_dict(cfg):
             cfg.trainer.devices = [claim.index]

@@ -51,6 +51,7 @@ class TrainConf:
     debug: bool = False  # true: show the full traceback of configuration errors
     nan_policy: NanPolicy = NanPolicy.stop  # a NaN/inf loss: stop (name step, term, group) | skip
     nan_skip_limit: int = 10  # skip: stop anyway after this many non-finite steps in a row
+    jobs_per_gpu: int = 1  # local parallel sweeps: runs sharing one GPU (packed small runs)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     resume: str | None = None  # a run dir: continue that run from its newest checkpoint
 
