@@ -48,7 +48,7 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert sorted(int(j.name) for j in jobs) == list(range(8))
-    seen, run_ids = set(), set()
+    seen, run_ids, groups_seen = set(), set(), set()
     for job in jobs:
         assert (job / "student.pt").is_file() and (job / "metrics.json").is_file()
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
@@ -57,10 +57,13 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
         (run_file,) = list(job.glob("wandb/offline-run-*/run-*.wandb"))  # one W&B run per job
         run = summarise(run_file)
         run_ids.add(run["id"])
-        assert run["group"] == str(sweep)  # grouped by sweep
+        groups_seen.add(run["group"])
+        assert run["group"].startswith("sweep_test-")  # grouped by config (test_wandb_groups)
+        assert run["config"]["atx.sweep_dir"] == f'"{sweep}"'  # the sweep, as a config key
         layers = "all" if at["student_layers"] == "all" else "[group3]"  # named by the sweep
         assert run["name"] == (f"sweep_test distill.at.beta={at['beta']:g} "
-                               f"distill.at.p={at['p']:g} distill.at.student_layers={layers}")
+                               f"distill.at.p={at['p']:g} distill.at.student_layers={layers} "
+                               "seed=0")
         assert {"distill:at", "model:wrn_16_1", "teacher:wrn_16_2"} <= set(run["tags"])
         assert run["config"]["distill.at.beta"] == str(cfg["distill"]["at"]["beta"])
         groups = "group1,group2,group3" if layers == "all" else "group3"
@@ -70,7 +73,7 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
         assert run["images"] >= 1  # the attention figure
     assert seen == {(b, p, s) for b in (500.0, 1000.0) for p in (1.0, 2.0)
                     for s in ("all", "['group3']")}
-    assert len(run_ids) == 8
+    assert len(run_ids) == 8 and len(groups_seen) == 8  # 8 configurations, 8 groups
     # atx-report on the real sweep: one row per (beta, p, layers), plots against beta and p
     rows = report(sweep)
     assert len(rows) == 8 and all(r["seeds"] == 1 for r in rows)
