@@ -210,6 +210,21 @@ def test_resnet18_presets_and_explicit_layers(runs, tmp_path, figures):
     check_png(out, rows=2, cols=1 + 2 * 2)
 
 
+def test_a_vit_student_beside_a_cnn_teacher(runs, data_root, tmp_path, figures):
+    """atx-visualize of a timm ViT run: its preset blocks (computed from the rebuilt network)
+    beside the WRN teacher's groups, every ViT cell a real map (not a flat fill)."""
+    vit = ["model=timm", "model.arch=vit_tiny_patch16_224", "model.img_size=32",
+           "model.patch_size=4", "model.options={depth:3,embed_dim:24,num_heads:2}"]
+    student = make_run(tmp_path, data_root, "vit", vit, 40.0)
+    out = tmp_path / "vit.png"
+    argv = [str(runs["teacher"]), str(student), "--images", "2", "--out", str(out)]
+    assert main(argv) == 0  # WRN group1..3 beside ViT blocks.0..2: 3 groups each
+    check_png(out, rows=2, cols=1 + 3 * 2)
+    for g in range(3):
+        cell = cell_values(out, figures[-1], 0, 1 + 2 * g + 1)  # the ViT's column of group g
+        assert cell.max() > cell.min()
+
+
 def test_labels_name_and_error(runs):
     from atx.visualize import load_run, run_label
 

@@ -109,7 +109,7 @@ def visualize(args: argparse.Namespace) -> Path:
         if args.layers:
             layers = list(args.layers)
         else:
-            layers = layer_group_presets(cfg.model.name).get("all", [])
+            layers = layer_group_presets(cfg.model.name, model).get("all", [])
             if not layers:
                 raise AtxError(
                     f"model '{cfg.model.name}' ({run}) has no layer presets: pass --layers"
