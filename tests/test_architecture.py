@@ -16,8 +16,8 @@ PARTS = {
     "data": {"data"},
     "training": {"module", "optim", "speed", "numerics", "callbacks", "figures"},
     "persistence": {"checkpoints", "resume", "run_dir"},
-    "run": {"config", "checks", "build", "train", "loggers", "cluster"},
-    "tools": {"report", "visualize", "study", "paper"},
+    "run": {"config", "checks", "build", "train", "loggers", "cluster", "search"},
+    "tools": {"report", "visualize", "study", "paper", "sensitivity"},
 }
 # what each part may import besides itself
 ALLOWED = {

@@ -278,14 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atx-report", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="a sweep (or any) directory of atx runs")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: root)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="also error vs beta / p, F_sum vs F_max and a verdict table"
+                             " (sensitivity.png, sensitivity.md; atx.sensitivity)")
+    parser.add_argument("--metric", default=None,
+                        help="the error of --sensitivity, a metrics.json key (default:"
+                             " heldout/error when every run has it, else val/error)")
     args = parser.parse_args(argv)
+    out = args.out or args.root
     try:
         rows = report(args.root, args.out)
+        if args.sensitivity:
+            from atx.sensitivity import write_sensitivity  # it reads runs with find_runs
+
+            write_sensitivity(args.root, out, args.metric)
     except AtxError as e:
         print(f"atx-report: error: {e}", file=sys.stderr)
         return 2
-    print((args.out or args.root).joinpath("report.md").read_text(), end="")
-    print(f"{len(rows)} configurations written to {(args.out or args.root) / 'report.md'}")
+    print(out.joinpath("report.md").read_text(), end="")
+    print(f"{len(rows)} configurations written to {out / 'report.md'}")
+    if args.sensitivity:
+        print(out.joinpath("sensitivity.md").read_text(), end="")
+        print(f"sensitivity: {out / 'sensitivity.md'}, {out / 'sensitivity.png'}")
     return 0
 
 
