@@ -7,10 +7,12 @@ from pathlib import Path
 
 from cli import FAST, atx_train
 from configs import compose_cfg
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 from run_dirs import release_locks
 from wandb_records import summarise
 
-from atx.loggers import run_group
+from atx.loggers import run_group, run_labels
 from atx.train import train
 
 RUN = [*FAST, "distill=none", "name=grouped", "logger=wandb", "logger.wandb.mode=offline"]
@@ -52,3 +54,21 @@ def test_seeds_launched_as_a_sweep_and_one_by_one_share_a_group(tmp_path: Path):
     assert all(r["config"]["atx.group"] == f'"{run_group(cfg)}"' for r in runs)
     assert runs[0]["config"]["atx.sweep_dir"] == f'"{sweep}"'
     assert "atx.sweep_dir" not in runs[2]["config"]
+
+
+def test_an_optuna_trial_is_named_by_its_sampled_values_and_tagged_with_its_study(tmp_path):
+    """A search's job: the keys of ``hydra.sweeper.params`` are what varies (Hydra's
+    ``multirun.yaml`` holds them), the study is a tag and a config key."""
+    params = {"distill.at.beta": "tag(log, interval(10.0, 10000.0))",
+              "distill.at.mode": "choice(sum, max)"}
+    OmegaConf.save({"hydra": {"overrides": {"task": ["+hparams_search=at_beta_p", "seed=3"]},
+                              "sweeper": {"params": params}}}, tmp_path / "multirun.yaml")
+    hc = OmegaConf.create({
+        "mode": RunMode.MULTIRUN, "runtime": {"choices": {"distill": "at", "model": "wrn_16_1"}},
+        "sweep": {"dir": str(tmp_path)}, "sweeper": {"study_name": "at_beta_p"},
+        "overrides": {"task": ["distill.at.beta=443.5", "distill.at.mode=max",
+                               "+hparams_search=at_beta_p", "seed=3"]}})
+    labels = run_labels(hc, compose_cfg(RUN))
+    assert labels.name == "grouped distill.at.beta=443.5 distill.at.mode=max"
+    assert labels.tags == ["distill:at", "model:wrn_16_1", "study:at_beta_p"]
+    assert labels.config == {"atx.sweep_dir": str(tmp_path), "atx.study": "at_beta_p"}
