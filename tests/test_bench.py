@@ -136,9 +136,25 @@ def expected_per_step(row) -> Counter:
     if row.path == "forward":
         return Counter({"teacher": 1, "teacher backward": int(row.method == "teacher fwd+bwd")})
     losses = {k: (1 if row.path == "atx" else n) for k, n in LOSSES[row.method].items()}
+    if row.path == "atx" and "at" in losses:  # atx's one AT call: a loss per layer pair
+        losses["at pairs"] = len(VIT_AT_PAIRS) if row.student == "ViT" else len(rows.GROUPS)
     uses_teacher = row.method != "student"
     return Counter({"student": 1, "teacher": int(uses_teacher), "opt": 1,
                     "teacher backward": int(row.method == "grad-AT"), **losses})
+
+
+# ViT-Ti/4's preset blocks (1/4..4/4 of 12), each paired by map size with WRN-16-2's 8x8 group3
+VIT_AT_PAIRS = [(f"blocks.{i}", "group3") for i in (2, 5, 8, 11)]
+
+
+def check_vit_student(row, runner) -> None:
+    """A ViT row's student is the full-size ViT-Ti on an 8x8 grid of 4x4 patches, and its AT
+    term pairs the preset blocks with group3."""
+    vit = runner.module.student
+    heads, grid = vit.blocks[0].attn.num_heads, vit.patch_embed.grid_size
+    assert (len(vit.blocks), vit.embed_dim, heads, grid) == (12, 192, 3, (8, 8))
+    at = [t.pairs for t in runner.module.objective.terms if t.name == "at"]
+    assert at == ([VIT_AT_PAIRS] if "AT" in row.method else [])
 
 
 class Counted:
@@ -167,8 +183,7 @@ class Counted:
         if row.path == "atx":
             for term in runner.module.objective.terms:
                 if term.name != "ce":
-                    fn = term.losses
-                    term.losses = lambda out, fn=fn, key=term.name: (count(key), fn(out))[1]
+                    term.losses = self.counted_losses(term.name, term.losses)
         else:
             for name, key in (("at_loss", "at"), ("kd_loss", "kd")):  # the raw loop's
                 fn = getattr(steps, name)
@@ -176,9 +191,21 @@ class Counted:
                     steps, name, lambda *a, fn=fn, key=key: (count(key), fn(*a))[1]
                 )
 
-    def count(self, key: str) -> None:
+    def count(self, key: str, n: int = 1) -> None:
         if self.calls.get("runner") == self.row.name:  # only while this row's call runs
-            self.calls[key] += 1
+            self.calls[key] += n
+
+    def counted_losses(self, key: str, fn):
+        """An atx term's ``losses``, counted; AT's finite, positive pair losses counted too."""
+        def losses(out):
+            got = fn(out)
+            self.count(key)
+            if key == "at":
+                assert all(v.isfinite() and v > 0 for v in got.values()), got
+                self.count("at pairs", len(got))
+            return got
+
+        return losses
 
     def __call__(self, steps: int) -> list[float]:
         self.calls.clear()
@@ -210,6 +237,8 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys, monkeypatch) -> Non
         if row.own_process:  # its steps run in a worker process: out of reach of hooks
             return runner
         counted.append(row.name)
+        if row.student:
+            check_vit_student(row, runner)
         return Counted(row, runner, calls, monkeypatch)
 
     monkeypatch.setattr(bench, "make_runner", counting_runner)
@@ -227,13 +256,14 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys, monkeypatch) -> Non
     assert [r.name for r in quick if r.own_process] == ["AT+KD authors glibc malloc"]
     out = capsys.readouterr().out
     for row in quick:
-        cells = f"| {row.method} | {row.path} | {row.options or '-'} |"
+        cells = f"| {row.label} | {row.path} | {row.options or '-'} |"
         assert cells in out, cells
     for label in (
         "atx / raw: AT+KD |",
         "AT / (student + teacher forward), atx |",
         "speed-up vs authors: AT+KD float32 NCHW",
         "grad-AT / (student + teacher fwd+bwd)",
+        "ViT AT+KD / ViT KD, atx (target <= 1.05) |",
     ):
         assert label in out, label
     assert "other load" in out and "in-process wall" in out
@@ -253,6 +283,8 @@ def named_rows(label: str) -> tuple[list[str], list[str]]:
                          label):
         atx = "AT+KD atx" + ("" if m[2] == "float32 NCHW" else f" {m[2]}")
         return ["AT+KD authors" + (" glibc malloc" if m[1] else "")], [atx]
+    if m := re.fullmatch(r"(ViT \S+) / (ViT \S+), atx \(target <= .*\)", label):
+        return [f"{m[1]} atx"], [f"{m[2]} atx"]
     if m := re.fullmatch(r"speed-up of (.+): AT\+KD", label):
         return ["AT+KD atx"], [f"AT+KD atx {m[1]}"]
     raise AssertionError(f"ratio label {label!r} names no rows this test knows")

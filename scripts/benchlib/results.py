@@ -57,7 +57,7 @@ def report(result: Result, quiet_load: float = 0.2) -> tuple[str, bool]:
         noisy |= s["spread"] > NOISY
         q = quiet_times.get(name, [])
         cells.append((
-            row.method, row.path, row.options or "-", f"{s['median_ms']:.1f}",
+            row.label, row.path, row.options or "-", f"{s['median_ms']:.1f}",
             f"{s['p10_ms']:.1f}-{s['p90_ms']:.1f}", f"{s['spread']:.2f}", f"{s['img_s']:.0f}",
             s["n"], f"{statistics.median(q) * 1e3:.1f} ({len(q)})" if q else "- (0)",
         ))

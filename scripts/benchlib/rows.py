@@ -18,6 +18,19 @@ DISTILL = {
     "symmetry": "symmetry",
     "min-l2": "min_l2",
 }
+# the student of a row (its name's prefix, "" = WRN-16-1) -> its composed-config overrides
+STUDENTS = {
+    "": ("model=wrn_16_1",),
+    # ViT-Ti/4 (12 blocks, dim 192, 3 heads) on 32x32: an 8x8 grid; AT pairs its 4 preset
+    # blocks with the WRN-16-2's 8x8 group3 (README "Vision transformers and timm")
+    "ViT": (
+        "model=timm",
+        "model.arch=vit_tiny_patch16_224",
+        "model.img_size=32",
+        "model.patch_size=4",
+        "distill.at.student_layers=auto",
+    ),
+}
 NOISY = 1.3  # p90 / p10 above this flags a row as noisy
 GROUPS = ("group1", "group2", "group3")
 
@@ -36,6 +49,11 @@ class Row:
     compile: bool = False
     processes: int = 1  # > 1: DDP over that many CPU processes (gloo), threads split evenly
     allocator: str = "mallopt"  # "default": glibc as shipped, in a process of its own
+    student: str = ""  # a key of STUDENTS: "" = WRN-16-1, "ViT" = ViT-Ti/4 (atx path only)
+
+    def __post_init__(self) -> None:
+        if self.student and self.path != "atx":  # the bare loops know only the WRN groups
+            raise ValueError(f"a {self.student} student runs on the atx path only")
 
     @property
     def own_process(self) -> bool:
@@ -43,10 +61,15 @@ class Row:
         return self.processes > 1 or self.allocator != "mallopt"
 
     @property
+    def label(self) -> str:
+        """The method with its student: "AT+KD", "ViT AT+KD"."""
+        return f"{self.student} {self.method}" if self.student else self.method
+
+    @property
     def name(self) -> str:
         if self.path == "forward":
             return self.method
-        return f"{self.method} {self.path}" + (f" {self.options}" if self.options else "")
+        return f"{self.label} {self.path}" + (f" {self.options}" if self.options else "")
 
     @property
     def speed(self) -> SpeedConf:
@@ -81,6 +104,8 @@ ROWS = (
     # the same global batch over 2 DDP processes of half the threads each (BN statistics per
     # process: half the batch each, as any DDP run without SyncBatchNorm)
     replace(ATKD, options="fastest, ddp 2 processes", processes=2, **FASTEST),
+    # a vision-transformer student: what the AT term on its block tokens costs over KD
+    *(Row(m, "atx", student="ViT") for m in ("KD", "AT+KD")),
 )
 EXTRA_ROWS = (
     Row("symmetry", "atx"),  # by --rows only: slow steps
@@ -117,6 +142,7 @@ RATIOS = (
         ("student atx", TEACHER_GRAD.name),
     ),
     ("symmetry / student, atx", ("symmetry atx",), ("student atx",)),
+    ("ViT AT+KD / ViT KD, atx (target <= 1.05)", ("ViT AT+KD atx",), ("ViT KD atx",)),
     ("min-l2 / student, atx", ("min-l2 atx",), ("student atx",)),
     *(
         (f"speed-up vs authors{released}: AT+KD {label}", (f"AT+KD authors{malloc}",), (name,))
@@ -130,7 +156,7 @@ RATIOS = (
     *(
         (f"speed-up of {r.options}: AT+KD", ("AT+KD atx",), (r.name,))
         for r in ROWS
-        if r.method == "AT+KD" and r.path == "atx" and r.options
+        if r.label == "AT+KD" and r.path == "atx" and r.options
     ),
 )
 

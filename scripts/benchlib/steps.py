@@ -3,6 +3,8 @@ row and returns their seconds."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,27 +24,25 @@ from atx.attention import at_loss
 from atx.config import register
 from atx.gradient_attention import input_gradient
 from atx.losses import kd_loss
-from atx.models import build_model
 from atx.module import DistillModule, freeze
 from atx.optim import OptimConf
 from benchlib import authors
-from benchlib.rows import DISTILL, GROUPS, TEACHER_GRAD, Row
+from benchlib.rows import DISTILL, GROUPS, STUDENTS, TEACHER_GRAD, Row
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 Batch = tuple[Tensor, Tensor]
+SHAPE = SimpleNamespace(num_classes=10, in_channels=3, image_size=32)  # CIFAR-shaped batches
 
 
 # -- what every row starts from ----------------------------------------------------------------
-def compose_distill(
-    preset: str, model: str = "wrn_16_1", teacher: str = "wrn_16_2"
-) -> DictConfig:
-    """The composed train config for ``distill=<preset>`` (what ``atx-train`` would see)."""
+@functools.cache
+def _composed(preset: str, student: str, teacher: str) -> DictConfig:
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
             "train",
             overrides=[
-                f"model={model}",
+                *STUDENTS[student],
                 f"teacher={teacher}",
                 f"distill={preset}",
                 "data=cifar10",
@@ -51,24 +51,32 @@ def compose_distill(
         )
 
 
+def compose_distill(preset: str, student: str = "", teacher: str = "wrn_16_2") -> DictConfig:
+    """The composed train config for ``distill=<preset>`` and a student of ``STUDENTS`` (what
+    ``atx-train`` would see); a copy, free to change (Hydra composes each once)."""
+    return copy.deepcopy(_composed(preset, student, teacher))
+
+
 def build_module(row: Row, student: nn.Module, teacher: nn.Module) -> DistillModule:
     """DistillModule for one row, built by atx's own builder (the teacher's weights are
     random: the checkpoint changes no timing)."""
-    cfg = compose_distill(DISTILL[row.method])
+    cfg = compose_distill(DISTILL[row.method], row.student)
     cfg.speed = OmegaConf.structured(row.speed)
-    shape = SimpleNamespace(num_classes=10, in_channels=3, image_size=32)
     uses_teacher = build.needs_teacher(cfg.distill)
     module, _ = build.build_module(
-        cfg, student, teacher if uses_teacher else None, shape, load_teacher_weights=False
+        cfg, student, teacher if uses_teacher else None, SHAPE, load_teacher_weights=False
     )
     return module
 
 
-def build_pair() -> tuple[nn.Module, nn.Module]:
-    """WRN-16-1 student and frozen WRN-16-2 teacher, from seed 0 (the same for every row)."""
+def build_pair(row: Row) -> tuple[nn.Module, nn.Module]:
+    """The row's student (its model preset) and the frozen WRN-16-2 teacher, built by atx's
+    model builder from seed 0 (the same weights for every row with the same student)."""
+    cfg = compose_distill("none", row.student)  # the models do not depend on the method
     torch.manual_seed(0)
-    student = build_model("wrn", depth=16, width=1, num_classes=10)
-    return student, freeze(build_model("wrn", depth=16, width=2, num_classes=10))
+    nets = (build.build_network(cfg[k], k, SHAPE.num_classes, SHAPE.in_channels)
+            for k in ("model", "teacher"))
+    return next(nets), freeze(next(nets))
 
 
 def make_batches(n: int, batch_size: int, seed: int = 0) -> list[Batch]:
@@ -273,4 +281,4 @@ RUNNERS: dict[str, Callable[[Row, nn.Module, nn.Module, list[Batch]], InProcessR
 
 def in_process_runner(row: Row, batches: list[Batch]) -> InProcessRunner:
     """The row's runner in this process, with its own student and teacher from seed 0."""
-    return RUNNERS[row.path](row, *build_pair(), batches)
+    return RUNNERS[row.path](row, *build_pair(row), batches)

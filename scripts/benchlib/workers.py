@@ -216,7 +216,7 @@ def serve(args: argparse.Namespace) -> None:
 def ddp_rank(row: Row, args: argparse.Namespace, gate: WorkerGate) -> None:
     """One rank of a DDP row (started with the torch.distributed env vars set, so Lightning
     joins them instead of launching processes)."""
-    module = build_module(row, *build_pair())
+    module = build_module(row, *build_pair(row))
     world = int(os.environ["WORLD_SIZE"])
     data = Forever(make_batches(args.n_batches, args.batch_size), gate.rank, world)
     trainer = L.Trainer(
