@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py --data <CIFAR-10 image folders> [--epochs 2] [--jobs 1 4 8]
     python scripts/gpu_check.py --cpu-smoke      # the same path on the CPU, tiny (a test)
+    python scripts/gpu_check.py --vit --data <CIFAR-10 image folders>   # a real ViT-from-CNN run
 
 Runs real ``atx-train`` processes of the Table 1 pair (WRN-16-1 <- WRN-16-2, ``distill=at_kd``,
 a random teacher: weights change no timing) and prints, from each run's ``metrics.json``
@@ -14,6 +15,11 @@ a random teacher: weights change no timing) and prints, from each run's ``metric
 
 Without ``--data`` a random CIFAR-shaped image folder is written (timing only). Sized to fit in
 about 8 minutes on one large GPU with the defaults.
+
+``--vit``: a real (short) CIFAR-10 run of a ViT-Ti/4 student from a CNN teacher, under 10
+minutes on one large GPU: a WRN-16-2 teacher (15 epochs, the authors' lr drops scaled), then the
+ViT student without transfer and with AT (``experiment=cifar10_vit_tiny-wrn_16_2``, 30 epochs,
+both at once on the GPU); prints the test errors, the attention agreement and the epoch times.
 """
 
 from __future__ import annotations
@@ -106,6 +112,39 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     return result
 
 
+def vit_commands(data: str, out: Path, epochs: int = 30) -> list[list[str]]:
+    """The teacher's command, then the two students' (run together)."""
+    teacher = [
+        "experiment=cifar10_teacher_wrn_16_2", f"data.root={data}", "trainer=gpu",
+        "trainer.max_epochs=15", "optim.milestones=[5,10,13]", *QUIET,
+        f"hydra.run.dir={out / 'teacher'}",
+    ]
+    students = [
+        ["experiment=cifar10_vit_tiny-wrn_16_2", f"distill={d}", f"data.root={data}",
+         "trainer=gpu", f"teacher.checkpoint={out / 'teacher'}", f"trainer.max_epochs={epochs}",
+         *QUIET, f"hydra.run.dir={out / d}"]
+        for d in ("none", "at")
+    ]
+    return [teacher, *students]
+
+
+def vit_run(data: str, out: Path) -> str:
+    teacher, *students = vit_commands(data, out)
+    for group in ([teacher], students):
+        procs = [subprocess.Popen([sys.executable, "-m", "atx.train", *cmd], cwd=ROOT)
+                 for cmd in group]
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit("gpu_check --vit: a run failed (its log is above)")
+    lines = ["| run | test error % | agreement (mean of groups) | last epoch s |",
+             "|---|---|---|---|"]
+    for name in ("teacher", "none", "at"):
+        m = json.loads((out / name / "metrics.json").read_text())
+        agree = [v for k, v in m.items() if k.startswith("val/agreement/")]
+        mean = f"{sum(agree) / len(agree):.3f}" if agree else "-"
+        lines.append(f"| {name} | {m['val/error']:.2f} | {mean} | {m['epoch_seconds'][-1]:.2f} |")
+    return "\n".join(lines)
+
+
 def report(r: dict) -> str:
     lines = [f"device: {r['device']}", "", "| AT+KD WRN-16-1 <- WRN-16-2 | epoch s |", "|---|---|",
              f"| atx default | {r['default']:.2f} |", f"| atx speed=fast | {r['fast']:.2f} |", "",
@@ -124,9 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--out", type=Path, default=None, help="run dirs (default: a temp dir)")
     parser.add_argument("--cpu-smoke", action="store_true", help="the CPU path, tiny: a test")
+    parser.add_argument("--vit", action="store_true", help="a real ViT-from-CNN CIFAR-10 run")
     args = parser.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA GPU here; --cpu-smoke runs the same path on the CPU")
+    if args.vit:
+        if not args.data:
+            raise SystemExit("gpu_check --vit: give --data <CIFAR-10 image folders>")
+        out = args.out or ROOT / "outputs" / "gpu_check_vit"
+        print(vit_run(args.data, out))
+        return {}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)

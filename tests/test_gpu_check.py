@@ -33,3 +33,22 @@ def test_without_a_gpu_it_says_so_in_one_line(monkeypatch) -> None:
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU here; --cpu-smoke runs the same path"):
         gpu_check.main([])
+
+
+def test_the_vit_runs_pass_atx_start_up_checks(tmp_path: Path, monkeypatch) -> None:
+    """--vit's three commands compose and pass every start-up check (a GPU pretended)."""
+    from configs import compose_cfg
+
+    from atx.checks import check_config
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    commands = gpu_check.vit_commands("data/cifar10", tmp_path)
+    assert [c[0] for c in commands] == ["experiment=cifar10_teacher_wrn_16_2",
+                                        *["experiment=cifar10_vit_tiny-wrn_16_2"] * 2]
+    for cmd in commands:
+        overrides = [o for o in cmd if not o.startswith("hydra.")]
+        cfg = compose_cfg(overrides)
+        check_config(cfg)
+        assert cfg.trainer.accelerator == "gpu"
+    assert compose_cfg(commands[2][:-1]).distill.at.student_layers == "auto"
