@@ -17,10 +17,13 @@ import pytest
 import torch
 from cli import FAST, atx_train
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from optuna.distributions import LogUniformDistribution
 from optuna.trial import TrialState
 
 from atx.files import try_lock
 from atx.models import build_model
+from atx.search import search_space
 from atx.train import main
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -141,13 +144,31 @@ def test_a_search_that_cannot_work_stops_at_start_up(tmp_path, monkeypatch, caps
 
 
 def test_a_study_of_other_settings_or_in_use_is_refused(tmp_path, monkeypatch, capsys):
-    sweep = tmp_path / "search"
-    sweep.mkdir()
+    """In the preset's own sweep dir, outputs/search/<name>/<study> (``${name}`` resolved)."""
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "outputs" / "search" / "wrn_16_1" / "at_beta_p"
+    sweep.mkdir(parents=True)
     study = optuna.create_study(study_name="at_beta_p", storage=f"sqlite:///{sweep}/study.db")
     study.set_user_attr("atx.config_key", "0123abcd")  # a first launch with other settings
-    line = start_up_error(monkeypatch, capsys, search_args(sweep, tmp_path / "t.pt"))
-    assert "study 'at_beta_p' in" in line and "was started with other settings" in line
+    args = search_args(sweep, tmp_path / "t.pt")
+    args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
+    line = start_up_error(monkeypatch, capsys, args)
+    assert "study 'at_beta_p' in 'sqlite:///outputs/search/wrn_16_1/at_beta_p/study.db' was " \
+        "started with other settings" in line
     lock = try_lock(sweep / "study.db.lock")  # another launch searching it now
-    line = start_up_error(monkeypatch, capsys, search_args(sweep, tmp_path / "t.pt"))
+    line = start_up_error(monkeypatch, capsys, args)
     assert "is being searched by another process" in line
     lock.close()
+
+
+def test_the_command_line_narrows_or_fixes_the_presets_search_space():
+    params = OmegaConf.load(ROOT / "conf" / "hparams_search" / "at_beta_p.yaml").hydra.sweeper
+    task = ["distill.at.beta=tag(log, interval(100.0, 1000.0))", "distill.at.mode=sum",
+            "data.val_split=16"]
+    space = search_space(OmegaConf.create({"hydra": {"sweeper": {"params": params.params},
+                                                     "overrides": {"task": task}}}))
+    assert set(space) == {"distill.at.beta", "distill.at.p", "distill.at.student_layers"}
+    beta = space["distill.at.beta"]
+    assert isinstance(beta, LogUniformDistribution) and (beta.low, beta.high) == (100, 1000)
+    assert space["distill.at.p"].choices == (1.0, 2.0, 4.0)
+    assert space["distill.at.student_layers"].choices == ("all", "last2", "last")

@@ -67,7 +67,8 @@ def test_bands_over_seeds_and_the_verdict_table(grid: Path):
     assert s.flat_range(bands[2.0, "sum"]) == (1000, 10000)
     assert s.flat_range(bands[1.0, "sum"]) == (1000, 1000)
     table = (grid / "sensitivity.md").read_text()
-    assert table.startswith("Best: F2_sum, layers all, beta 1000: heldout/error 9.00 ± 1.00 (3) %")
+    assert table.startswith("Best: F2_sum, layers all, beta 1000: heldout/error 9.00 ± 1.00 (3) %\n"
+                            "Within one std (1.00) of it: 3 of 7 settings.")  # 9, 9.8, 10
     rows = [ln for ln in table.splitlines() if ln.startswith("| F")]
     assert rows == ["| F2_sum | all | 1000 | 9.00 ± 1.00 (3) | 1000 - 10000 |",
                     "| F1_sum | all | 1000 | 10.00 ± 0.71 (2) | 1000 - 1000 |",
@@ -81,6 +82,7 @@ def test_the_drawn_bands_are_the_numbers(grid: Path):
     sums, maxes, by_p = fig.axes
     assert sums.get_xscale() == "log" and "F_sum" in sums.get_title()
     assert [ln.get_label() for ln in sums.lines] == ["p=1", "p=2"]
+    assert sums.get_shared_x_axes().joined(sums, maxes)  # one beta axis for F_sum and F_max
     for ax, mode in ((sums, "sum"), (maxes, "max")):
         for line, band in zip(ax.lines, ax.collections, strict=True):
             p = float(line.get_label().removeprefix("p="))

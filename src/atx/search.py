@@ -61,11 +61,12 @@ def search_space(config: DictConfig) -> dict[str, Any]:
     params = config.hydra.sweeper.get("params") or {}
     given = [f"{k}={v}" for k, v in params.items()]
     task = [str(o) for o in config.hydra.overrides.task]  # the sweeper's order: these win
-    space = {}
+    space, fixed = {}, set()
     for i, override in enumerate(OverridesParser.create().parse_overrides([*given, *task])):
-        if not override.is_sweep_override():
-            continue
         key, value = override.get_key_element(), override.value()
+        if not override.is_sweep_override():
+            fixed.add(key)
+            continue
         where = f"hydra.sweeper.params.{key}" if i < len(given) else key
         if isinstance(value, IntervalSweep) and value.start >= value.end:
             holds = "is empty" if value.start > value.end else "holds one value"
@@ -78,6 +79,8 @@ def search_space(config: DictConfig) -> dict[str, Any]:
             space[key] = create_optuna_distribution_from_override(override)
         except (ValueError, TypeError, AssertionError) as e:
             raise AtxError(f"{where}: {e}") from e
+    for key in fixed:  # a plain value (distill.at.mode=sum) takes the key out, as the sweeper does
+        space.pop(key, None)
     if not space:
         raise AtxError("hydra.sweeper.params: nothing to search (no key with a value range)")
     return space
@@ -99,9 +102,6 @@ def check_search(config: DictConfig) -> dict[str, Any]:
 def settings_key(config: DictConfig, searched: list[str]) -> str:
     """The key of what every trial shares: the config without the searched keys and without
     what may change between launches (where data and logs are); the seed counts."""
-    from hydra.core.hydra_config import HydraConfig
-
-    HydraConfig.instance().set_config(config)  # for ${hydra:...} (not set yet at this point)
     task = OmegaConf.to_container(config, resolve=False)
     task.pop("hydra", None)
     resolved = OmegaConf.to_container(OmegaConf.create(task), resolve=True, enum_to_str=True)
@@ -127,6 +127,9 @@ class SearchCallback(Callback):
     """Start-up checks and resume before the sweeper, the test error after each trial."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in names; not set this early
         try:
             space = check_search(config)
             self._prepare_study(config, list(space))

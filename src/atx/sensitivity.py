@@ -148,17 +148,22 @@ def draw(s: Sensitivity) -> Any:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"{s.metric} %")
     ax = axes[0][-1]
+    all_layers = sorted({b.layers for b in s.bands})
+    shades = plt.get_cmap("Dark2").colors  # not the p colours of the beta panels
     for mode in modes:
-        for layers in sorted({b.layers for b in s.bands}):
+        for i, layers in enumerate(all_layers):
             chosen = sorted((b for b in s.bands if b.mode == mode and b.layers == layers),
                             key=lambda b: b.p)
             if chosen:
-                label = f"F_{mode}" + (f" {layers}" if len({b.layers for b in s.bands}) > 1
-                                       else "")
+                label = f"F_{mode}" + (f" {layers}" if len(all_layers) > 1 else "")
                 ax.errorbar([b.p for b in chosen], [b.best.mean for b in chosen],
-                            yerr=[b.best.std for b in chosen], marker="o", capsize=3,
-                            label=label)
+                            yerr=[b.best.std for b in chosen], capsize=3, label=label,
+                            marker="o" if mode == "sum" else "s",
+                            linestyle="-" if mode == "sum" else "--",
+                            color=shades[i % len(shades)])
     ax.set_xlabel("p (distill.at.p)")
+    if len(modes) == 2:  # the same beta axis for F_sum and F_max
+        axes[0][1].sharex(axes[0][0])
     ax.set_title("error vs p at each band's best beta", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -170,7 +175,7 @@ def verdict(s: Sensitivity) -> str:
     bands = sorted(s.bands, key=lambda b: b.best.mean)
     top = bands[0]
     lines = [f"Best: {map_name(top.mode, top.p)}, layers {top.layers}, beta {top.best.beta:g}: "
-             f"{s.metric} {_error(s, top.best)} %", "",
+             f"{s.metric} {_error(s, top.best)} %", *_near_best(s, top.best), "",
              "| map | layers | best beta | error % mean ± std (seeds) | beta within one std |",
              "|---|---|---|---|---|"]
     for band in bands:
@@ -183,6 +188,16 @@ def verdict(s: Sensitivity) -> str:
             f"one std is the pooled within-setting std, {s.noise:.2f}." if s.noise is not None
             else "no std known, no range: rerun the best settings with several seeds.")]
     return "\n".join(lines) + "\n"
+
+
+def _near_best(s: Sensitivity, best: Point) -> list[str]:
+    """How many settings of every band are within one std of the best: how flat it all is."""
+    std = s.spread(best)
+    if std is None:
+        return []
+    points = [q for b in s.bands for q in b.points]
+    near = sum(q.mean <= best.mean + std for q in points)
+    return [f"Within one std ({std:.2f}) of it: {near} of {len(points)} settings."]
 
 
 def _error(s: Sensitivity, q: Point) -> str:
