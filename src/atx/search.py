@@ -183,8 +183,8 @@ class SearchCallback(Callback):
         """Rank 0 of a trial: its test error and run dir beside the objective (user attrs)."""
         run_dir = Path(config.hydra.runtime.output_dir)
         metrics_file = run_dir / "metrics.json"
-        if not is_rank_zero() or not metrics_file.is_file():
-            return
+        if not config.hydra.sweeper.storage or not is_rank_zero() or not metrics_file.is_file():
+            return  # storage null: the study lives in the sweeper's memory only
         import optuna
         from optuna.trial import TrialState
 
@@ -206,8 +206,9 @@ class SearchCallback(Callback):
         import optuna
 
         sweeper = config.hydra.sweeper
-        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
-        write_trials(study, Path(config.hydra.sweep.dir) / "trials.csv")
+        if sweeper.storage:
+            study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+            write_trials(study, Path(config.hydra.sweep.dir) / "trials.csv")
         release()
 
 
