@@ -28,7 +28,7 @@ import yaml
 from atx.errors import AtxError
 from atx.paper import paper_error
 
-IGNORED = ("seed=", "hydra.", "teacher.checkpoint=")  # not part of a row's identity
+IGNORED = ("seed=", "hydra.", "teacher.checkpoint=", "hparams_search=")  # not a row's identity
 PLOTTED = ("distill.at.beta", "distill.at.p")
 
 
