@@ -156,3 +156,72 @@ def test_attention_agreement_hand_values():
     same_c, same_d = attention_agreement(s, 2 * s)
     torch.testing.assert_close(same_c, torch.ones(1))
     torch.testing.assert_close(same_d, torch.zeros(1))
+
+
+def _token_view(b: int, c: int, h: int, w: int) -> torch.Tensor:
+    """(b, c, h, w) patch tokens of a transformer: a strided view, class token dropped."""
+    return torch.randn(b, h * w + 1, c)[:, 1:].transpose(1, 2).unflatten(2, (h, w))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tokens", "bfloat16"])
+def test_default_map_by_batch_chunks_is_bitwise_the_plain_formula(monkeypatch, layout):
+    import atx.attention as attention
+
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 130)  # 60 per sample: chunks 2, 2, 2, 1
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 4, 5)
+    x = {"channels_last": x.contiguous(memory_format=torch.channels_last),
+         "tokens": _token_view(7, 3, 4, 5), "bfloat16": x.bfloat16()}.get(layout, x)
+    assert attention._samples_per_chunk(x) == 2
+    grad_out = torch.randn(7, 4, 5)
+    ours, plain = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = spatial_map(ours)
+    a = plain.float()
+    want = (a * a).sum(dim=1)  # the formula autograd differentiates op by op
+    assert torch.equal(got, want) and got.dtype == torch.float32
+    (got * grad_out).sum().backward()
+    (want * grad_out).sum().backward()
+    assert ours.grad.dtype == x.dtype and torch.equal(ours.grad, plain.grad)
+    with torch.no_grad():  # the teacher's path: no graph
+        assert torch.equal(spatial_map(x), want)
+
+
+@pytest.mark.parametrize("at_first", [True, False])
+def test_chunked_at_loss_gives_bitwise_the_weight_gradients_of_the_plain_formula(
+    monkeypatch, at_first
+):
+    """A conv layer's output feeds the AT term and the rest of the network: its weight gradient
+    equals the op-by-op formula's. Autograd runs the branch built last first, so the two
+    orders add the AT gradient's two products and the other one in different orders."""
+    import atx.attention as attention
+
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 300)  # 4*6*6 = 144 per sample: 2 a chunk
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(2, 4, 3, padding=1), torch.randn(5, 2, 6, 6)
+    teacher = torch.randn(5, 8, 6, 6)
+
+    def weight_grad(at) -> torch.Tensor:
+        conv.zero_grad()
+        feats = conv(x)
+        if at_first:
+            loss = 1e3 * at(feats, teacher) + feats.relu().mean()
+        else:
+            rest = feats.relu().mean()
+            loss = rest + 1e3 * at(feats, teacher)
+        loss.backward()
+        return conv.weight.grad.clone()
+
+    def plain_at(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        qs, qt = (F.normalize((f * f).sum(dim=1).flatten(1), dim=1) for f in (s, t))
+        return (qs - qt).pow(2).mean()
+
+    assert torch.equal(weight_grad(at_loss), weight_grad(plain_at))
+
+
+def test_default_map_second_derivative():
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    w, v = torch.randn(3, 4, 4), torch.randn(3, 2, 4, 4)
+    (g,) = torch.autograd.grad((spatial_map(x) * w).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, 2 * w.unsqueeze(1) * x)
+    (hv,) = torch.autograd.grad((g * v).sum(), x)  # d/dx <2 w x, v> = 2 w v
+    torch.testing.assert_close(hv, 2 * w.unsqueeze(1) * v)
