@@ -238,15 +238,17 @@ def test_top5_error_equals_a_hand_count():
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes(preset):
     cfg = compose_cfg([f"experiment={preset}"])
-    assert cfg.model.name in {"wrn", "nin", "resnet18", "resnet34"}
+    assert cfg.model.name in {"wrn", "nin", "resnet18", "resnet34", "timm"}
     if preset.startswith(("t1_", "t2_", "t3_")):
         assert cfg.teacher is not None and cfg.data._target_.endswith("CIFAR10DataModule")
     if preset.startswith(("t1_", "t2_")):
         assert cfg.name.startswith(preset) and cfg.name.endswith("-at")
     if preset.startswith("t3_"):  # the paper's grad-AT setting: no BN, flips only, no wd
         assert not cfg.model.batch_norm and cfg.data.pad == 0 and cfg.optim.weight_decay == 0
-    cifar = preset.startswith(("t1_", "t2_", "t3_", "cifar10_"))  # the authors' cifar.py
+    vit = "vit" in preset  # atx's ViT recipe (AdamW, cosine), tests/test_vit_presets.py
+    cifar = preset.startswith(("t1_", "t2_", "t3_", "cifar10_")) and not vit  # authors' cifar.py
     assert cfg.optim.recipe == ("authors" if cifar else "standard")
+    assert (cfg.optim.name == "adamw") == (vit or "deit" in preset)
 
 
 def test_every_term_at_once(tmp_path, teacher_dir):
