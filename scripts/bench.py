@@ -20,7 +20,10 @@ times, in round-robin blocks (machine noise hits every row alike), one training 
   ``inference_mode``, ``torch.compile``, and the fastest correct ones together ("fastest" =
   ``speed=fast``: channels_last + compile + teacher inference_mode; bf16 is slower on our CPUs),
   and the fastest options over 2 DDP processes of half the threads each (``trainer=cpu_ddp``,
-  the same global batch split in two; workers in subprocesses, gated block by block).
+  the same global batch split in two; workers in subprocesses, gated block by block);
+* a vision-transformer student on the ``atx`` path: ViT-Ti/4 (timm ``vit_tiny_patch16_224`` on
+  32x32, 4x4 patches) from the same teacher, KD and AT+KD (AT on its 4 preset blocks, paired
+  with group3 by ``distill.at.student_layers=auto``): what AT on ViT features costs.
 
 Then fresh subprocesses ("probes") run one row each to measure what a shared process cannot:
 peak memory (the RSS high-water mark, reset before the first step) and page faults per step
@@ -153,7 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget",
         type=float,
-        default=300.0,
+        default=420.0,
         help="seconds: start no round that would end later (then report what ran)",
     )
     p.add_argument(
