@@ -74,15 +74,24 @@ def last_epoch_seconds(run_dir: Path) -> float:
     return float(summary["epoch_seconds"][-1])
 
 
-def run_together(out: Path, name: str, overrides: list[str], n: int) -> list[float]:
-    """``n`` runs at once; each one's last-epoch seconds."""
+def launch(out: Path, name: str, overrides: list[str], n: int) -> list[tuple]:
+    """``n`` runs started at once: (process, run dir) each."""
     dirs = [out / f"{name}_{i}" for i in range(n)]
-    procs = [start(d, [*overrides, f"seed={i}"]) for i, d in enumerate(dirs)]
-    for p, d in zip(procs, dirs, strict=True):
+    return [(start(d, [*overrides, f"seed={i}"]), d) for i, d in enumerate(dirs)]
+
+
+def collect(runs: list[tuple]) -> list[float]:
+    """Wait for ``runs``; each one's last-epoch seconds."""
+    for p, d in runs:
         if p.wait() != 0:
             log = d.with_suffix(".log").read_text()[-2000:]
             raise SystemExit(f"gpu_check: {d.name} failed:\n{log}")
-    return [last_epoch_seconds(d) for d in dirs]
+    return [last_epoch_seconds(d) for _, d in runs]
+
+
+def run_together(out: Path, name: str, overrides: list[str], n: int) -> list[float]:
+    """``n`` runs at once; each one's last-epoch seconds."""
+    return collect(launch(out, name, overrides, n))
 
 
 def measure(args: argparse.Namespace, out: Path) -> dict:
@@ -99,11 +108,18 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         base += ["trainer=gpu"]
         fast = ["speed=fast"]
     result: dict = {"device": torch.cuda.get_device_name(0) if not smoke else "cpu (smoke)"}
-    result["default"] = run_together(out, "default", base, 1)[0]
-    result["fast"] = run_together(out, "fast", [*base, *fast], 1)[0]
+    if smoke:  # timing means nothing on a CPU: every run at once, to test the path quickly
+        started = {n: launch(out, f"packed{n}", base, n) for n in args.jobs if n > 1}
+        alone = [launch(out, "default", base, 1), launch(out, "fast", [*base, *fast], 1)]
+        result["default"], result["fast"] = (collect(r)[0] for r in alone)
+        timed = {n: collect(r) for n, r in started.items()}
+    else:  # one configuration at a time: the GPU is timed alone
+        result["default"] = run_together(out, "default", base, 1)[0]
+        result["fast"] = run_together(out, "fast", [*base, *fast], 1)[0]
+        timed = {n: run_together(out, f"packed{n}", base, n) for n in args.jobs if n > 1}
     packed = {}
     for n in args.jobs:  # one run alone is the default run above
-        seconds = [result["default"]] if n == 1 else run_together(out, f"packed{n}", base, n)
+        seconds = [result["default"]] if n == 1 else timed[n]
         mean = sum(seconds) / len(seconds)
         packed[n] = {"epoch_s": mean, "run_epochs_per_hour": n * 3600 / mean}
     result["packed"] = packed
