@@ -55,8 +55,8 @@ class Reduction(Choice):
 
 
 # F^2_sum is taken a batch chunk of about this many elements at a time (512 KiB of float32):
-# the squares stay in a core's cache instead of a (B, C, H, W) temporary the size of the
-# features, which on a 2-core CPU costs the AT terms' maps about twice the time.
+# the squares stay in a core's cache instead of going through memory as a (B, C, H, W)
+# temporary the size of the features (and, with the backward below, two more).
 CHUNK_ELEMENTS = 1 << 17
 
 
