@@ -30,7 +30,7 @@ fashion-mnist:
 demo: install fashion-mnist  ## teacher, then plain / AT / AT+KD students over 3 seeds on Fashion-MNIST; table + figures
 	$(PY) scripts/demo.py
 
-test: install fashion-mnist  ## the whole test suite (CPU, offline, < 10 min on 2 cores)
+test: install fashion-mnist  ## the whole test suite (CPU, offline)
 	$(PY) -m pytest
 
 # the edit loop: the paper's math, configs and presets, errors, the builder and its layers

@@ -114,7 +114,18 @@ def _weights(path: Path) -> dict:
 
 
 def run_values(work: Path) -> dict[str, dict]:
-    """A tiny teacher, then one student per method from it, each in ``work``."""
+    """A tiny teacher, then one student per method from it, each in ``work``; on one thread,
+    as recorded (another thread count sums in another order: other last bits, amplified by
+    training)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_values(work)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_values(work: Path) -> dict[str, dict]:
     teacher = work / "teacher"
     teacher.mkdir()
     results = {}

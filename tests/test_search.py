@@ -50,15 +50,21 @@ def load(sweep: Path) -> optuna.Study:
     return optuna.load_study(study_name="at_beta_p", storage=f"sqlite:///{sweep}/study.db")
 
 
-def wait_for_running_trial(process: subprocess.Popen, sweep: Path, number: int) -> None:
-    """Until trial ``number`` of the study is running (asked and launched)."""
+def wait_for_running_trial(
+    process: subprocess.Popen, sweep: Path, number: int, params: int = 4
+) -> None:
+    """Until trial ``number`` of the study is running with all its ``params`` sampled (the
+    sweeper writes them one by one after asking for the trial)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()[-3000:]
         try:  # read-only: optuna's own client would race the search creating its tables
             with sqlite3.connect(f"file:{sweep}/study.db?mode=ro", uri=True) as db:
-                running = db.execute("SELECT number FROM trials WHERE state = 'RUNNING'")
-                if number in {n for (n,) in running}:
+                sampled = db.execute(
+                    "SELECT COUNT(*) FROM trials JOIN trial_params USING (trial_id)"
+                    " WHERE state = 'RUNNING' AND number = ?", (number,)
+                ).fetchone()[0]
+                if sampled >= params:
                     return
         except sqlite3.OperationalError:  # no database or no table yet
             pass
