@@ -29,6 +29,23 @@ from atx.optim import OptimConf
 from benchlib import authors
 from benchlib.rows import DISTILL, GROUPS, STUDENTS, TEACHER_GRAD, Row
 
+
+def timing_trainer(precision: str, callbacks: list[Callback], **options: object) -> L.Trainer:
+    """A CPU Trainer that only trains: one epoch, no logger, checkpoints, bars or validation."""
+    return L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **options,
+    )
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 Batch = tuple[Tensor, Tensor]
 SHAPE = SimpleNamespace(num_classes=10, in_channels=3, image_size=32)  # CIFAR-shaped batches
@@ -131,20 +148,7 @@ class AtxRunner(InProcessRunner):
 
     def __call__(self, steps: int) -> list[float]:
         timer = StepTimer()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision=self.precision,
-            max_steps=steps,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-        )
+        trainer = timing_trainer(self.precision, [timer], devices=1, max_steps=steps)
         data = [self.batches[i % len(self.batches)] for i in range(steps)]
         trainer.fit(self.module, DataLoader(data, batch_size=None, shuffle=False))
         if len(timer.times) != steps:

@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -32,6 +31,7 @@ from benchlib.steps import (
     build_pair,
     in_process_runner,
     make_batches,
+    timing_trainer,
 )
 
 
@@ -219,19 +219,6 @@ def ddp_rank(row: Row, args: argparse.Namespace, gate: WorkerGate) -> None:
     module = build_module(row, *build_pair(row))
     world = int(os.environ["WORLD_SIZE"])
     data = Forever(make_batches(args.n_batches, args.batch_size), gate.rank, world)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy="ddp",
-        precision=row.precision,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        callbacks=[GatedTimer(gate)],
-    )
+    trainer = timing_trainer(row.precision, [GatedTimer(gate)], devices=world, strategy="ddp",
+                             use_distributed_sampler=False)
     trainer.fit(module, DataLoader(data, batch_size=None))
