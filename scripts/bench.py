@@ -25,6 +25,11 @@ times, in round-robin blocks (machine noise hits every row alike), one training 
   32x32, 4x4 patches) from the same teacher, KD and AT+KD (AT on its 4 preset blocks, paired
   with group3 by ``distill.at.student_layers=auto``): what AT on ViT features costs.
 
+Then the epoch rows (``benchlib.epoch_rows``): whole epochs of AT+KD on the same cached uint8
+data (synthetic, CIFAR-shaped): the authors' loop re-created (per-batch crop/flip, their step,
+their per-epoch test pass, their checkpoint and log line) beside real ``atx-train`` fits in
+float32 and with ``speed=fast``, each epoch split into data / step / eval / logging / checkpoint.
+
 Then fresh subprocesses ("probes") run one row each to measure what a shared process cannot:
 peak memory (the RSS high-water mark, reset before the first step) and page faults per step
 (``ru_minflt``) under glibc's default allocator, atx's ``mallopt`` and the ``MALLOC_*_`` env vars.
@@ -40,9 +45,11 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 # Before torch loads oneDNN: room for every row's convolution primitives (default 1024). With
 # every row's model pair in one process the default LRU cache thrashes, and rows re-create
@@ -52,6 +59,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 import lightning as L
 import torch
 from benchlib import workers
+from benchlib.epoch_rows import bench_epoch_rows, epoch_rows_table
 from benchlib.probes import probe_report, probe_row, run_probe
 from benchlib.report import revision, utc_now
 from benchlib.results import Result, report
@@ -176,6 +184,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-compile", action="store_true", help="skip the compiled rows (compile, both fastest)"
     )
     p.add_argument("--probe-steps", type=int, default=6, help="timed steps per probe")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="epoch rows: epochs per run (each run's first is a warm-up)")
+    p.add_argument("--epoch-images", type=int, default=2048, help="epoch rows: training images")
+    p.add_argument("--epoch-test", type=int, default=1024, help="epoch rows: test images")
+    p.add_argument("--epoch-rounds", type=int, default=3, help="epoch rows: runs of each path")
+    p.add_argument("--no-epochs", action="store_true", help="skip the epoch rows")
+    p.add_argument("--epochs-only", action="store_true", help="only the epoch rows")
     p.add_argument("--no-probes", action="store_true", help="skip the subprocess probes")
     p.add_argument("--probes-only", action="store_true", help="only the subprocess probes")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one probe and print JSON
@@ -192,6 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.warmup, args.block, args.batch_size, args.threads = 2, 1, 1, 4, 1
         args.probe_steps, args.no_compile = 2, True
+        args.epochs, args.epoch_images, args.epoch_test, args.epoch_rounds = 2, 16, 8, 1
+    args.device = "cpu"
     if unknown := [n for n in args.rows or [] if n not in BY_NAME]:
         p.error(f"unknown row {unknown[0]!r}; rows: {'; '.join(BY_NAME)}")
     rows = [BY_NAME[n] for n in args.rows] if args.rows else list(ROWS)
@@ -232,9 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" allocator {allocator}; atx {revision()}",
         flush=True,
     )
-    if not args.probes_only:
+    if not (args.probes_only or args.epochs_only):
         in_process(args)
-    if not args.no_probes:
+    if not (args.no_epochs or args.probes_only):
+        with tempfile.TemporaryDirectory(prefix="atx-bench-epochs-") as work:
+            rounds = bench_epoch_rows(args, Path(work))
+        print("\n" + epoch_rows_table(rounds, args.epoch_images) + "\n", flush=True)
+    if not (args.no_probes or args.epochs_only):
         names = {r.name for r in args.row_list}
         probes = {}
         for name, alloc in QUICK_PROBES if args.quick else PROBES:

@@ -8,7 +8,11 @@ Runs real ``atx-train`` processes of the Table 1 pair (WRN-16-1 <- WRN-16-2, ``d
 a random teacher: weights change no timing) and prints, from each run's ``metrics.json``
 (``epoch_seconds``, the last epoch: after warm-up and compilation):
 
-* the epoch time of atx's default and of ``speed=fast``;
+* the epoch time of atx's default, of ``speed=fast`` and of the GPU's fastest settings
+  (``speed=fast`` + ``trainer.precision=bf16-mixed`` + ``speed.compile_mode=reduce_overhead``:
+  CUDA graphs for the launch-bound small WRNs), beside the authors' loop re-created on the same
+  card (``scripts/benchlib/epoch_rows.py``: cached uint8 data on the device, per-batch
+  crop/flip, their step and per-epoch test pass; in this process, after the atx runs);
 * packed: 1 / 4 / 8 runs at once on one GPU (local processes, as ``jobs_per_gpu`` packs a
   sweep), their mean epoch time and the throughput in run-epochs per hour;
 * the hours a full Table 1 row (25 runs x 200 epochs) takes at the best packing.
@@ -104,19 +108,25 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         base += ["trainer=cpu", "model.depth=10", "data.batch_size=16",
                  "data.num_workers=0"]
         fast = ["speed=fast", "speed.compile=false"]  # compiling costs a minute on a CPU
+        fastest = [*fast, "trainer.precision=bf16-mixed"]
     else:
         base += ["trainer=gpu"]
         fast = ["speed=fast"]
+        fastest = [*fast, "trainer.precision=bf16-mixed", "speed.compile_mode=reduce_overhead"]
     result: dict = {"device": torch.cuda.get_device_name(0) if not smoke else "cpu (smoke)"}
     if smoke:  # timing means nothing on a CPU: every run at once, to test the path quickly
         started = {n: launch(out, f"packed{n}", base, n) for n in args.jobs if n > 1}
-        alone = [launch(out, "default", base, 1), launch(out, "fast", [*base, *fast], 1)]
-        result["default"], result["fast"] = (collect(r)[0] for r in alone)
+        alone = [launch(out, name, [*base, *extra], 1) for name, extra in
+                 (("default", []), ("fast", fast), ("fastest", fastest))]
+        result["default"], result["fast"], result["fastest"] = (collect(r)[0] for r in alone)
         timed = {n: collect(r) for n, r in started.items()}
     else:  # one configuration at a time: the GPU is timed alone
         result["default"] = run_together(out, "default", base, 1)[0]
         result["fast"] = run_together(out, "fast", [*base, *fast], 1)[0]
+        result["fastest"] = run_together(out, "fastest", [*base, *fastest], 1)[0]
         timed = {n: run_together(out, f"packed{n}", base, n) for n in args.jobs if n > 1}
+    result["authors"] = authors_loop_epoch(out, data, args.epochs, 16 if smoke else 128,
+                                           "cpu" if smoke else "cuda")
     packed = {}
     for n in args.jobs:  # one run alone is the default run above
         seconds = [result["default"]] if n == 1 else timed[n]
@@ -126,6 +136,24 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     best = max(v["run_epochs_per_hour"] for v in packed.values())
     result["table1_row_hours"] = TABLE1_RUN_EPOCHS / best
     return result
+
+
+def authors_loop_epoch(out: Path, data: Path, epochs: int, batch_size: int, device: str) -> float:
+    """The authors' loop re-created, on as many cached (random) images as ``data`` has: the
+    seconds of its last of ``epochs`` epochs."""
+    from benchlib.epoch_rows import AuthorsLoop
+
+    n_train, n_test = (sum(f.is_file() for f in (data / split).glob("*/*"))
+                       for split in ("train", "test"))
+    g = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+    cached = {"x_train": images(n_train), "y_train": torch.randint(0, 10, (n_train,), generator=g),
+              "x_test": images(n_test), "y_test": torch.randint(0, 10, (n_test,), generator=g)}
+    loop = AuthorsLoop(cached, batch_size, out / "authors", device)
+    return [loop.epoch(e) for e in range(epochs)][-1]["epoch"]
 
 
 def vit_commands(data: str, out: Path, epochs: int = 30) -> list[list[str]]:
@@ -163,7 +191,11 @@ def vit_run(data: str, out: Path) -> str:
 
 def report(r: dict) -> str:
     lines = [f"device: {r['device']}", "", "| AT+KD WRN-16-1 <- WRN-16-2 | epoch s |", "|---|---|",
-             f"| atx default | {r['default']:.2f} |", f"| atx speed=fast | {r['fast']:.2f} |", "",
+             f"| authors' loop (re-created) | {r['authors']:.2f} |",
+             f"| atx default | {r['default']:.2f} |", f"| atx speed=fast | {r['fast']:.2f} |",
+             f"| atx fastest (speed=fast, bf16-mixed, CUDA graphs) | {r['fastest']:.2f} |", "",
+             *(f"authors' loop / {k}: {r['authors'] / r[k]:.2f}x" for k in
+               ("default", "fast", "fastest")), "",
              "| runs at once | mean epoch s | run-epochs / hour |", "|---|---|---|"]
     for n, v in r["packed"].items():
         lines.append(f"| {n} | {v['epoch_s']:.2f} | {v['run_epochs_per_hour']:.0f} |")

@@ -1,8 +1,11 @@
-"""Run by test_ddp.py: a few distillation steps (grad-AT or activation AT + KD) with a
-real Trainer, 1 process or DDP (2 CPU processes, gloo), in float64 on a fixed dataset; every rank
-saves its initial and final student weights.
+"""Run by test_ddp.py: a few distillation steps with a real Trainer, 1 process or DDP (2 CPU
+processes, gloo), in float64 on a fixed dataset; every rank saves its initial and final student
+weights.
 
-    python tests/ddp_steps_script.py <out dir> <devices> <grad_at|at_kd|vit_at>
+    python tests/ddp_steps_script.py <out dir> <devices> <cnn|vit_at>
+
+``cnn``: a NIN student with every gradient path at once: CE, KD, activation AT on three groups
+and grad-AT (its double backward through DDP).
 
 ``vit_at``: a tiny timm ViT student learning from a NIN teacher's attention (AT on a block's
 tokens and on its self-attention, resized to the teacher's maps) plus KD.
@@ -43,15 +46,13 @@ class SaveWeights(L.Callback):
 
 
 def objective(kind: str) -> Objective:
-    if kind == "grad_at":
-        return Objective([CrossEntropy(Schedule(1.0)), GradientAT(Schedule(50.0))])
     if kind == "vit_at":
         pairs = [("blocks.1", "block2"), ("blocks.1.attn", "block1")]
         return Objective([CrossEntropy(Schedule(0.1)), KnowledgeDistillation(Schedule(0.9)),
                           AttentionTransfer(Schedule(1000.0), pairs, interpolate=True)])
     pairs = [(b, b) for b in ("block1", "block2", "block3")]
     return Objective([CrossEntropy(Schedule(0.1)), KnowledgeDistillation(Schedule(0.9)),
-                      AttentionTransfer(Schedule(1000.0), pairs)])
+                      AttentionTransfer(Schedule(1000.0), pairs), GradientAT(Schedule(50.0))])
 
 
 def main(out: Path, devices: int, kind: str) -> None:

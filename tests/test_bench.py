@@ -238,6 +238,9 @@ def test_quick_run_prints_every_row_and_ratio(bench, capsys, monkeypatch) -> Non
         "speed-up vs authors: AT+KD float32 NCHW",
         "grad-AT / (student + teacher fwd+bwd)",
         "ViT AT+KD / ViT KD, atx (target <= 1.05) |",
+        "| authors' loop | ",  # the epoch rows
+        "| atx float32 | ",
+        "atx float32 epoch vs the authors' loop: ",
     ):
         assert label in out, label
     assert "other load" in out and "in-process wall" in out

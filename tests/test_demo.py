@@ -1,5 +1,6 @@
 """``make demo`` (scripts/demo.py): its ``--tiny`` budget end to end on the real Fashion-MNIST
-(teacher, 2 seeds x 3 methods, table, curves, attention maps), and the full run's settings."""
+(teacher, 2 seeds x 3 methods, table, curves, attention maps; a second launch reusing the
+teacher), and the full run's settings."""
 
 from __future__ import annotations
 
@@ -80,3 +81,11 @@ def test_tiny_demo_prints_the_table_and_writes_the_figures(demo, tmp_path, capsy
     student_cfg = OmegaConf.load(students[0].parent / ".hydra" / "config.yaml")
     assert (student_cfg.data.train_subset, student_cfg.trainer.max_epochs) == (32, 1)
     assert student_cfg.data.root == str(FASHION)
+    # a second launch reuses the teacher the first trained (its key: the teacher's overrides)
+    (teacher_dir,) = (p.parent for p in teachers.glob("*/student.pt"))
+    trained = (teacher_dir / "student.pt").stat().st_mtime_ns
+    demo.main(["--tiny", "--seeds", "0", "--out", str(tmp_path / "again"), "--teachers",
+               str(teachers)])
+    assert f"teacher: {teacher_dir} (reused)" in capsys.readouterr().out
+    assert (teacher_dir / "student.pt").stat().st_mtime_ns == trained
+    assert len(list((tmp_path / "again" / "students").glob("*/metrics.json"))) == len(METHODS)

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import torch
 from cli import FAST, atx_train
+from ddp_checks import DDP, check_ddp_run, ranks_of
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from optuna.distributions import LogUniformDistribution
@@ -178,3 +179,79 @@ def test_the_command_line_narrows_or_fixes_the_presets_search_space():
     assert isinstance(beta, LogUniformDistribution) and (beta.low, beta.high) == (100, 1000)
     assert space["distill.at.p"].choices == (1.0, 2.0, 4.0)
     assert space["distill.at.student_layers"].choices == ("all", "last2", "last")
+
+
+def with_overrides(args: list[str], *extra: str) -> list[str]:
+    """``args`` with ``extra`` in place of the overrides of the same keys."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [a for a in args if a.split("=", 1)[0] not in keys] + list(extra)
+
+
+def started_and_ended(run_dir: Path) -> tuple[int, int]:
+    """When a trial's job began (Hydra writes its config first) and ended (metrics.json)."""
+    return (os.stat(run_dir / ".hydra" / "config.yaml").st_mtime_ns,
+            os.stat(run_dir / "metrics.json").st_mtime_ns)
+
+
+def test_two_trials_at_once_through_the_joblib_launcher(tmp_path, teacher_pt):
+    sweep = tmp_path / "search"
+    args = with_overrides(search_args(sweep, teacher_pt), "hydra.sweeper.n_trials=2",
+                          "hydra.sweeper.n_jobs=2", "hydra/launcher=parallel",
+                          "hydra.launcher.n_jobs=2")
+    result = atx_train(args, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    trials = load(sweep).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].params != trials[1].params
+    dirs = [Path(t.user_attrs["run_dir"]) for t in trials]
+    (a_start, a_end), (b_start, b_end) = (started_and_ended(d) for d in dirs)
+    assert a_start < b_end and b_start < a_end  # the two trials ran at the same time
+    for t, run_dir in zip(trials, dirs, strict=True):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert t.value == pytest.approx(metrics["heldout/error"])
+        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        assert config.distill.at.beta == pytest.approx(t.params["distill.at.beta"])
+
+
+def test_a_trial_as_a_two_rank_ddp_job_trains_one_beta_on_both_ranks(tmp_path, teacher_pt):
+    """Each trial one submitit job whose 2 tasks are the DDP ranks (gloo), as on Slurm."""
+    sweep = tmp_path / "search"
+    args = with_overrides(search_args(sweep, teacher_pt), "hydra.sweeper.n_trials=1",
+                          "hydra/launcher=local_ddp", "hydra.launcher.gpus_per_node=0", *DDP)
+    result = atx_train(args, env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trial,) = load(sweep).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    (rank1_log,) = sweep.glob(".submitit/*/*_1_log.err")  # submitit started task (rank) 1
+    assert "MEMBER: 2/2" in rank1_log.read_text() + rank1_log.with_suffix(".out").read_text()
+    run_dir = Path(trial.user_attrs["run_dir"])
+    ranks = ranks_of(run_dir)  # both ranks: one config hash, one set of weights and pairs
+    assert ranks[1]["weights"]["at"] == pytest.approx(trial.params["distill.at.beta"])
+    check_ddp_run(run_dir, 33, [*FAST, "data.val_subset=33", "data.val_split=16"], heldout=16)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert trial.value == pytest.approx(metrics["heldout/error"])
+
+
+def test_ranks_given_different_runs_stop_in_one_line(tmp_path, monkeypatch):
+    from atx.callbacks import RANKS_FILE, SameRunOnEveryRank
+    from atx.errors import AtxError
+    from atx.losses import Objective, Schedule
+    from atx.terms import AttentionTransfer, CrossEntropy
+
+    objective = Objective([CrossEntropy(Schedule(1.0)),
+                           AttentionTransfer(Schedule(50.0), [("group1", "group1")])])
+
+    def gather(out: list, mine: dict) -> None:  # rank 1 was handed another beta
+        out[:] = [mine, {**mine, "rank": 1, "weights": {**mine["weights"], "at": 20.0}}]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    trainer = type("T", (), {"world_size": 2, "global_rank": 0, "is_global_zero": True})()
+    module = type("M", (), {"objective": objective})()
+    check = SameRunOnEveryRank(tmp_path, {"distill.at.beta": 50.0})
+    with pytest.raises(AtxError) as e:
+        check.on_fit_start(trainer, module)
+    assert str(e.value).startswith("DDP rank 1 was given another run than rank 0 (its weights")
+    assert "\n" not in str(e.value)
+    ranks = json.loads((tmp_path / RANKS_FILE).read_text())
+    assert [r["weights"]["at"] for r in ranks] == [50.0, 20.0]

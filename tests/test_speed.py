@@ -178,6 +178,44 @@ def test_compile_gives_the_same_step_and_taps_still_work() -> None:
     assert trainer.global_step == 2 and "train/loss" in trainer.callback_metrics
 
 
+@pytest.mark.parametrize(("mode", "torch_mode"), [
+    ("default", None), ("reduce_overhead", "reduce-overhead"), ("max_autotune", "max-autotune"),
+    ("max_autotune_no_cudagraphs", "max-autotune-no-cudagraphs"),
+])
+def test_compile_mode_reaches_torch_compile(
+    mode: str, torch_mode: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    cfg = compose_cfg(["speed.compile=true", f"speed.compile_mode={mode}"])
+    tiny_module(OmegaConf.to_object(cfg.speed))
+    assert calls == [{"mode": torch_mode}] * 2  # student and teacher
+
+
+def test_a_bad_compile_mode_is_refused_while_composing() -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(["speed.compile_mode=fastest"])
+    line = composition_error_line(e.value)
+    assert "speed.compile_mode" in line and "max_autotune" in line and "\n" not in line
+
+
+def test_the_figures_of_a_compiled_run_compile_nothing() -> None:
+    """Attention figures tap a few images with hooks: compiled modules would recompile."""
+    from torch._dynamo.utils import counters
+
+    from atx.figures import grad_maps, group_maps
+
+    module = tiny_module(SpeedConf(compile=True))
+    x, y = batch(3, 8)
+    counters.clear()
+    maps = group_maps(module.student, ["group1"], x)
+    grads = grad_maps(module.teacher, x, y)
+    assert not counters["stats"]  # no graph captured
+    assert maps[0].shape == (3, 8, 8) and grads.shape == (3, 8, 8) and grads.max() == 1
+    module.student(x)  # outside a figure the module is still compiled
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
 def test_compile_with_grad_at_falls_back_to_eager() -> None:
     with pytest.warns(UserWarning, match="torch.compile cannot do"):
         module = tiny_module(SpeedConf(compile=True), grad_at=True)

@@ -12,17 +12,15 @@ from typing import Any
 import pytest
 import submitit
 import torch
-import yaml
 from cli import FAST, atx_train
 from configs import compose_cfg
+from ddp_checks import DDP, DDP_RUN, check_ddp_run
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.modules.batchnorm import _BatchNorm
-from wandb_records import summarise
 
-from atx import build
 from atx.cluster import GpuClaim, check_launcher_matches_trainer
 from atx.errors import AtxError
 from atx.models import build_model
@@ -92,22 +90,6 @@ def test_slurm_launcher_and_trainer_must_agree(launcher, trainer, message):
         check_launcher_matches_trainer(launcher, trainer)
 
 
-def test_local_parallel_jobs(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = atx_train(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *FAST,
-                        "logger=csv", "seed=0,1", f"hydra.sweep.dir={sweep}"],
-                       env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
-    seeds = []
-    for job in ("0", "1"):
-        assert (sweep / job / "student.pt").is_file()
-        seeds.append(yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["seed"])
-    assert sorted(seeds) == [0, 1]
-    a, b = (torch.load(sweep / j / "student.pt", weights_only=True) for j in ("0", "1"))
-    assert any(not torch.equal(a[k], b[k]) for k in a)  # two different runs, not one twice
-
-
 def test_gpu_claims_are_exclusive(tmp_path):
     first, second = GpuClaim(2, tmp_path), GpuClaim(2, tmp_path)
     assert (first.index, second.index) == (0, 1)
@@ -132,41 +114,6 @@ def test_packed_claims_fill_every_gpu_before_sharing_one(tmp_path):
         c.release()
 
 
-def evaluate(student_pt: Path, overrides: list[str]) -> dict[str, float]:
-    """Error (%) of an exported student on the run's test images (``val``) and held-out
-    training images (``heldout``, with data.val_split), in this process."""
-    cfg = compose_cfg(overrides)
-    data = build.build_data(cfg)
-    data.setup()
-    model = build_model("wrn", num_classes=10, in_channels=1, depth=10, width=1)
-    model.load_state_dict(torch.load(student_pt, weights_only=True))
-    errors = {}
-    for split, x, y in (("val", data.x_val, data.y_val), ("heldout", data.x_heldout,
-                                                          data.y_heldout)):
-        if x is not None:
-            with torch.no_grad():
-                logits = model.eval()(data.normalize(x))
-            errors[split] = float((logits.argmax(1) != y).float().mean() * 100)
-    return errors
-
-
-def check_ddp_run(run_dir: Path, val_images: int, overrides: list[str], heldout: int = 0) -> None:
-    """metrics.json of a 2-rank run: every test (and ``heldout`` held-out) image counted once,
-    errors = the saved student's."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["world_size"] == 2
-    assert metrics["val/images"] == val_images  # 2 ranks, odd count: none padded or repeated
-    errors = evaluate(run_dir / "student.pt", overrides)
-    assert metrics["val/error"] == pytest.approx(errors["val"], abs=1e-4)
-    if heldout:  # each rank evaluated its share of the same held-out images
-        assert metrics["heldout/images"] == heldout
-        assert metrics["heldout/error"] == pytest.approx(errors["heldout"], abs=1e-4)
-    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")  # rank 0 alone logs
-    assert "val/error" in summarise(wandb_file)["history_keys"]
-
-
-DDP_RUN = ["data.val_subset=33", "logger=wandb"]  # 33 test images: uneven over 2 ranks
-DDP = ["trainer.strategy=ddp", "trainer.devices=2", *DDP_RUN]
 
 
 def test_two_process_ddp_run_of_the_cli(tmp_path):
@@ -177,20 +124,6 @@ def test_two_process_ddp_run_of_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started the second rank
     check_ddp_run(run_dir, 33, [*FAST, "data.val_subset=33"])
-
-
-def test_ddp_inside_a_sweep_job_ranks_started_by_submitit(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = atx_train(
-        ["-m", "hydra/launcher=local_ddp", "hydra.launcher.gpus_per_node=0", *FAST, *DDP,
-         "seed=0", f"hydra.sweep.dir={sweep}"],
-        env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (job_log,) = sweep.glob(".submitit/*/*_1_log.err")  # submitit ran task (= rank) 1 too
-    assert "MEMBER: 2/2" in job_log.read_text() + job_log.with_suffix(".out").read_text()
-    check_ddp_run(sweep / "0", 33, [*FAST, "data.val_subset=33"])
-    assert [p.name for p in sweep.iterdir() if p.name.isdigit()] == ["0"]  # no stray sweep dirs
 
 
 def test_ddp_spawn_inside_a_local_sweep(tmp_path):

@@ -1,8 +1,11 @@
 """Callbacks hooked into the Trainer: attention-map figures during training, the epoch chosen
-on the held-out training images (``data.val_split``), and epoch times."""
+on the held-out training images (``data.val_split``), epoch times, and the check that every DDP
+rank trains the same run."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +13,11 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from atx.errors import AtxError
+from atx.files import replace_atomically
+
+RANKS_FILE = "ranks.json"  # what each DDP rank trains, written by rank 0 (SameRunOnEveryRank)
 
 
 class AttentionFigures(L.Callback):
@@ -115,3 +123,36 @@ class EpochTimes(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.epoch_seconds.append(round(self._now() - self._epoch, 4))
         self.eval_seconds.append(round(self._eval_total, 4))
+
+
+class SameRunOnEveryRank(L.Callback):
+    """DDP: every rank must train the same run (a sweeper or launcher that handed ranks different
+    values would train a mix). At the start of the fit the ranks exchange the hash of the config
+    each one composed and their loss terms' weights and layer pairs; rank 0 writes them to
+    ``ranks.json`` in the run dir, and ranks that differ stop the run with one line."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        text = json.dumps(config, sort_keys=True, default=str)
+        self.config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.world_size < 2:
+            return
+        objective = module.objective  # type: ignore[attr-defined]
+        mine = {"rank": trainer.global_rank, "config": self.config_hash,
+                "weights": objective.weights(0), "pairs": [list(p) for p in objective.pairs]}
+        ranks: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, mine)
+        if trainer.is_global_zero:
+            data = json.dumps(ranks, indent=2).encode()
+            replace_atomically(self.run_dir / RANKS_FILE, lambda f: f.write(data))
+        same = {k: v for k, v in ranks[0].items() if k != "rank"}
+        for other in ranks[1:]:
+            if {k: v for k, v in other.items() if k != "rank"} != same:
+                what = next(k for k in same if other[k] != same[k])
+                raise AtxError(
+                    f"DDP rank {other['rank']} was given another run than rank 0 (its {what}"
+                    f" differs, see {self.run_dir / RANKS_FILE}): start every rank with the"
+                    " same overrides and no per-process values in the config"
+                )

@@ -19,6 +19,9 @@ from atx.attention import MapMode, attention_map  # noqa: E402
 from atx.features import LayerTaps  # noqa: E402
 from atx.gradient_attention import input_gradient  # noqa: E402
 
+# A compiled run's figures run its modules eager: a few images with hooks would recompile them.
+EAGER = torch.compiler.set_stance("force_eager")
+
 
 def group_maps(
     model: nn.Module, layers: Sequence[str], x: Tensor, p: float = 2.0, mode: MapMode = "sum"
@@ -29,7 +32,7 @@ def group_maps(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), EAGER:
             model(x)
         feats = taps.outputs()
     finally:
@@ -49,7 +52,7 @@ def grad_maps(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), EAGER:
             x = x.detach().clone().requires_grad_(True)
             g = input_gradient(model(x), y, x).abs().sum(dim=1)
     finally:

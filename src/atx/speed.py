@@ -7,6 +7,8 @@ None of them changes what is trained beyond float rounding (tests/test_speed.py 
 * ``compile``: ``nn.Module.compile()`` of student and teacher, in place, so checkpoints keep
   their keys. Not with input-gradient terms (grad-AT, symmetry, min-l2): ``torch.compile``
   cannot double-backward, so those runs stay eager with a warning.
+  ``compile_mode`` picks torch's mode: ``reduce_overhead`` (CUDA graphs) or ``max_autotune``
+  for the small, launch-bound WRNs on a GPU.
 * ``teacher_precision`` / ``teacher_inference_mode``: the teacher's forward under autocast to
   bf16/fp16 and ``torch.inference_mode``. Its outputs are only targets: the attention maps and
   transfer losses are computed from them in float32 (``atx.attention.spatial_map``). The grad-AT
@@ -40,6 +42,17 @@ class TeacherPrecision(Choice):
     fp16 = "fp16"
 
 
+class CompileMode(Choice):
+    """``torch.compile`` mode (torch's name with "-" for "_"). On a GPU the small WRNs are
+    launch-bound: ``reduce_overhead`` replays each step as CUDA graphs, ``max_autotune`` also
+    autotunes the kernels (a long first compile); ``default`` is the plain compile."""
+
+    default = "default"
+    reduce_overhead = "reduce_overhead"
+    max_autotune = "max_autotune"
+    max_autotune_no_cudagraphs = "max_autotune_no_cudagraphs"
+
+
 TEACHER_DTYPES = {"same": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,6 +62,7 @@ class SpeedConf:
 
     channels_last: bool = False  # NHWC memory layout for student, teacher and batches
     compile: bool = False  # torch.compile student and teacher (eager for input-gradient terms)
+    compile_mode: CompileMode = CompileMode.default  # GPU: reduce_overhead = CUDA graphs
     teacher_precision: TeacherPrecision = TeacherPrecision.same  # autocast dtype of the teacher
     teacher_inference_mode: bool = False  # teacher under torch.inference_mode, not no_grad
     allocator: bool = True  # CPU: glibc mallopt so freed activations are reused, not re-faulted
@@ -98,8 +112,9 @@ def prepare_models(
         if needs_input_grad:
             warnings.warn(COMPILE_FALLBACK, stacklevel=2)
             return
+        mode = str(conf.compile_mode).replace("_", "-")
         for m in nets:
-            m.compile()
+            m.compile(mode=None if mode == "default" else mode)
 
 
 def to_layout(x: Tensor, channels_last: bool) -> Tensor:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from atx import build
-from atx.callbacks import AttentionFigures, EpochTimes, HeldOutSelection
+from atx.callbacks import AttentionFigures, EpochTimes, HeldOutSelection, SameRunOnEveryRank
 from atx.checkpoints import STUDENT_FILE
 from atx.checks import check_config
 from atx.cluster import (
@@ -106,7 +106,7 @@ def train(
                             owner.wandb_id if owner else None)
     # data.val_split > 0: the best epoch is chosen on held-out training images, not the test set
     selection = HeldOutSelection() if getattr(run.data, "val_split", 0) > 0 else None
-    callbacks = run_callbacks(cfg, run, run_dir, selection)
+    callbacks = run_callbacks(cfg, run, run_dir, selection, flat_config)
     kwargs = run.trainer_kwargs
     kwargs["plugins"] = with_atomic_io(kwargs.get("plugins", cluster_plugins()))
     try:
@@ -134,10 +134,11 @@ def train(
 
 
 def run_callbacks(
-    cfg: DictConfig, run: build.Run, run_dir: Path, selection: HeldOutSelection | None
+    cfg: DictConfig, run: build.Run, run_dir: Path, selection: HeldOutSelection | None,
+    flat_config: dict[str, Any],
 ) -> list[Any]:
     """Best + last checkpoints (first: :func:`export` reads it), the lr, step checkpoints,
-    epoch times, the held-out selection and the attention figures of the run."""
+    epoch times, the DDP ranks' agreement, the held-out selection and the attention figures."""
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -151,6 +152,7 @@ def run_callbacks(
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None),
         LearningRateMonitor(logging_interval="epoch"),
         EpochTimes(),
+        SameRunOnEveryRank(run_dir, flat_config),
         *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                               configured_teacher(cfg)),
     ]

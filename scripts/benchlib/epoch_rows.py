@@ -1,0 +1,300 @@
+"""The step benchmark's epoch rows: one whole training epoch of WRN-16-1 <- WRN-16-2 AT+KD, the
+authors' loop re-created beside ``atx-train``'s own epoch on the same cached data, and where each
+epoch's time goes (data / step / eval / logging / checkpoint / other)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchlib import authors
+from benchlib.report import md_table
+from benchlib.rows import BY_NAME
+
+PARTS = ("data", "step", "eval", "logging", "checkpoint", "other")
+CIFAR_MEAN = torch.tensor([125.3, 123.0, 113.9]) / 255  # the authors' cifar.py constants
+CIFAR_STD = torch.tensor([63.0, 62.1, 66.7]) / 255
+
+
+def now() -> float:
+    """Wall time after the GPU's queued work (a part ends when its kernels do)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class PartClock:
+    """Charges the wall time between marks to named parts. Timers wrapped by :meth:`timed`
+    charge their own part and are taken out of the interval that contains them."""
+
+    def __init__(self) -> None:
+        self.parts = dict.fromkeys(PARTS, 0.0)
+        self.mark = now()
+        self.nested = 0.0
+
+    def charge(self, part: str) -> None:
+        t = now()
+        self.parts[part] += t - self.mark - self.nested
+        self.mark, self.nested = t, 0.0
+
+    def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                d = now() - t0
+                self.parts[part] += d
+                self.nested += d
+
+        return wrapper
+
+    def total(self) -> dict[str, float]:
+        return {**self.parts, "epoch": sum(self.parts.values())}
+
+
+# -- the authors' loop -------------------------------------------------------------------------
+def augment(x: Tensor, g: torch.Generator) -> Tensor:
+    """A uint8 batch normalised, reflect-padded by 4, cropped back to 32x32 at a random offset
+    per image and flipped with p = 0.5 per image: their transforms, done on the whole batch."""
+    n = x.shape[0]
+    mean, std = CIFAR_MEAN.to(x.device)[:, None, None], CIFAR_STD.to(x.device)[:, None, None]
+    x = F.pad((x.float() / 255 - mean) / std, (4, 4, 4, 4), mode="reflect")
+    dy, dx = (torch.randint(0, 9, (n,), generator=g).to(x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(32, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(32, device=x.device))[:, None, None, :]
+    x = x[torch.arange(n, device=x.device)[:, None, None, None],
+          torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, x.flip(3), x)
+
+
+class AuthorsLoop:
+    """The authors' ``cifar.py`` epoch over cached uint8 tensors: shuffled batches augmented per
+    batch (:func:`augment`), their AT+KD step (``steps.AuthorsRunner``), a test pass (their
+    ``h`` under ``no_grad`` in eval mode: student, teacher, group losses, accuracy), then their
+    ``log()``: ``torch.save`` of the parameters and optimiser state and a JSON line."""
+
+    def __init__(self, data: dict[str, Tensor], batch_size: int, out: Path, device: str) -> None:
+        from benchlib.steps import AuthorsRunner, build_pair
+
+        row = BY_NAME["AT+KD authors"]
+        student, teacher = (m.to(device) for m in build_pair(row))
+        self.runner = AuthorsRunner(row, student, teacher, [])
+        self.data = {k: v.to(device) for k, v in data.items()}
+        self.batch_size, self.out, self.device = batch_size, out, device
+        self.g = torch.Generator().manual_seed(0)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def epoch(self, index: int) -> dict[str, float]:
+        clock, r, bs = PartClock(), self.runner, self.batch_size
+        x_train, y_train = self.data["x_train"], self.data["y_train"]
+        order = torch.randperm(len(x_train), generator=self.g).to(self.device)
+        meter = []
+        for i in range(0, len(order) - bs + 1, bs):  # torchnet drops no batch; ours divide
+            idx = order[i:i + bs]
+            x, y = augment(x_train[idx], self.g), y_train[idx]
+            clock.charge("data")
+            r.step(x, y)
+            meter.append(sum(r.meters))  # their meters: every loss .item()'d each step
+            clock.charge("step")
+        correct = 0
+        mean = CIFAR_MEAN.to(self.device)[:, None, None]
+        std = CIFAR_STD.to(self.device)[:, None, None]
+        x_test, y_test = self.data["x_test"], self.data["y_test"]
+        with torch.no_grad():
+            for i in range(0, len(x_test), bs):
+                x, y = (x_test[i:i + bs].float() / 255 - mean) / std, y_test[i:i + bs]
+                y_s, g_s = authors.wrn(r.ps, x, False)
+                y_t, g_t = authors.wrn(r.pt, x, False)
+                losses = [authors.at_loss(a, b).item() for a, b in zip(g_s, g_t, strict=True)]
+                authors.distillation(y_s, y_t, y, 4.0, 0.9).item()
+                correct += int((y_s.argmax(1) == y).sum())
+        clock.charge("eval")
+        torch.save({"params": {k: v.data for k, v in r.ps.items()},
+                    "optimizer": r.opt.state_dict(), "epoch": index}, self.out / "model.pt7")
+        clock.charge("checkpoint")
+        with open(self.out / "log.txt", "a") as f:
+            f.write(json.dumps({"epoch": index, "train_loss": statistics.fmean(meter),
+                                "test_acc": correct / len(x_test), "at_losses": losses}) + "\n")
+        clock.charge("logging")
+        return clock.total()
+
+
+# -- atx-train's epoch -------------------------------------------------------------------------
+class EpochParts(L.Callback):
+    """Where each training epoch of a real ``atx-train`` fit goes: data (fetch, transfer, batch
+    augmentation), step (``on_train_batch_start`` -> ``on_train_batch_end``), eval (the
+    validation loop), logging (the loggers' calls), checkpoint (``trainer.save_checkpoint``),
+    other (the loop and the remaining callbacks). An epoch ends where the next one starts."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self.clock: PartClock | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        trainer.save_checkpoint = self._timed("checkpoint", trainer.save_checkpoint)
+        for logger in trainer.loggers:
+            for name in ("log_metrics", "save", "log_hyperparams"):
+                setattr(logger, name, self._timed("logging", getattr(logger, name)))
+
+    def _timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self.clock is None:
+                return fn(*args, **kwargs)
+            return self.clock.timed(part, fn)(*args, **kwargs)
+
+        return wrapper
+
+    def _close(self) -> None:
+        if self.clock is not None:
+            self.clock.charge("other")
+            self.epochs.append(self.clock.total())
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        self.clock = PartClock()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.clock.charge("data")
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.clock.charge("step")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.clock and not trainer.sanity_checking:
+            self.clock.charge("other")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.clock and not trainer.sanity_checking:
+            self.clock.charge("eval")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        self.clock = None
+
+
+@contextlib.contextmanager
+def with_epoch_parts() -> Iterator[EpochParts]:
+    """``atx.train.train`` with an :class:`EpochParts` after its own callbacks."""
+    import atx.train
+
+    parts, original = EpochParts(), atx.train.run_callbacks
+    atx.train.run_callbacks = lambda *a: [*original(*a), parts]
+    try:
+        yield parts
+    finally:
+        atx.train.run_callbacks = original
+
+
+# -- the rows ----------------------------------------------------------------------------------
+AUTHORS = "authors' loop"
+ATX_PATHS = {"atx float32": [], "atx speed=fast": ["speed=fast"]}
+
+
+def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Namespace,
+               run_dir: Path) -> list[dict[str, float]]:
+    """One real ``atx-train`` fit of ``args.epochs`` epochs; the parts of each epoch."""
+    import torch._dynamo
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from atx.train import CONF_DIR, train
+
+    accel = "gpu" if args.device == "cuda" else "cpu"
+    overrides = [
+        "data=cifar10", f"data.root={root}", f"data.batch_size={args.batch_size}",
+        "model=wrn_16_1", "teacher=wrn_16_2", f"teacher.checkpoint={teacher}", "distill=at_kd",
+        f"trainer.accelerator={accel}", f"trainer.max_epochs={args.epochs}",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
+        "figure_images=0",  # the end-of-run figure is not part of an epoch
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        with with_epoch_parts() as parts:
+            train(cfg, run_dir)
+    finally:
+        torch._dynamo.reset()  # compiled runs share no caches or recompile limits
+    return parts.epochs
+
+
+def bench_epoch_rows(args: argparse.Namespace, work: Path) -> list[dict[str, list[dict]]]:
+    """``args.epoch_rounds`` rounds, each: the authors' loop and each atx path for
+    ``args.epochs`` epochs on the same data (odd rounds in reverse order, so a machine that
+    speeds up or slows down favours no path); per round and path, every epoch but the first
+    (warm-up, compilation)."""
+    from atx.build import build_network
+    from atx.data import CIFAR10DataModule
+    from benchlib.loaders import write_synthetic_cifar10
+
+    root = write_synthetic_cifar10(work / "cifar10", args.epoch_images, args.epoch_test)
+    dm = CIFAR10DataModule(root=str(root), batch_size=args.batch_size)
+    dm.setup("fit")
+    data = {"x_train": dm.x_train, "y_train": dm.y_train, "x_test": dm.x_val, "y_test": dm.y_val}
+    teacher = work / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(build_network(_teacher_conf(), "teacher", 10, 3).state_dict(), teacher)
+    paths = [AUTHORS, *(k for k, v in ATX_PATHS.items()
+                        if not (args.no_compile and "speed=fast" in v))]
+    rounds: list[dict[str, list[dict]]] = []
+    for rnd in range(args.epoch_rounds):
+        timed: dict[str, list[dict]] = {}
+        for label in paths if rnd % 2 == 0 else paths[::-1]:
+            run_dir = work / f"{label.replace(' ', '_')}{rnd}"
+            if label == AUTHORS:
+                loop = AuthorsLoop(data, args.batch_size, run_dir, args.device)
+                timed[label] = [loop.epoch(e) for e in range(args.epochs)][1:]
+            else:
+                run_dir.mkdir()
+                timed[label] = atx_epochs(root, teacher, ATX_PATHS[label], args, run_dir)[1:]
+        rounds.append({k: timed[k] for k in paths})
+        print(f"epoch round {rnd + 1}/{args.epoch_rounds}: " + ", ".join(
+            f"{k} {statistics.median(e['epoch'] for e in v):.2f} s" for k, v in timed.items()),
+            flush=True)
+    return rounds
+
+
+def _teacher_conf() -> Any:
+    from benchlib.steps import compose_distill
+
+    return compose_distill("none").teacher
+
+
+def epoch_rows_table(rounds: list[dict[str, list[dict]]], images: int) -> str:
+    """Median seconds of each part per path over all timed epochs, then each atx path's
+    speed-up over the authors' loop paired within each round (median and range)."""
+    paths = list(rounds[0])
+    epochs = {k: [e for r in rounds for e in r[k]] for k in paths}
+    med = {k: {p: statistics.median(e[p] for e in v) for p in (*PARTS, "epoch")}
+           for k, v in epochs.items()}
+    lines = md_table(
+        ("path", "epoch (s)", "images/s", *PARTS, "epochs"),
+        ((k, f"{m['epoch']:.2f}", f"{images / m['epoch']:,.0f}", *(f"{m[p]:.2f}" for p in PARTS),
+          str(len(epochs[k]))) for k, m in med.items()),
+    )
+    lines.append("")
+    for k in paths[1:]:
+        paired = sorted(statistics.median(e["epoch"] for e in r[AUTHORS])
+                        / statistics.median(e["epoch"] for e in r[k]) for r in rounds)
+        target = 1.5 if "fast" in k else 1.0
+        lines.append(f"{k} epoch vs the authors' loop: {statistics.median(paired):.2f}x faster"
+                     f" (paired per round, {len(paired)} rounds: {paired[0]:.2f}-{paired[-1]:.2f};"
+                     f" target >= {target})")
+    return "\n".join(lines)
