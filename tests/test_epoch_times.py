@@ -7,23 +7,14 @@ import time
 from pathlib import Path
 
 import lightning as L
+from cli import FAST
 from configs import compose_cfg
 
 from atx.train import train
 
-RUN = [
-    "model.depth=10",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "data.train_subset=32",
-    "data.val_subset=16",
-    "data.batch_size=16",
-    "logger=csv",
-    "figure_images=0",
-]
+# cli.FAST's tiny run, 2 epochs of 2 batches of 16 and one validation batch
+RUN = [*FAST, "trainer.max_epochs=2", "trainer.num_sanity_val_steps=0", "data.train_subset=32",
+       "data.val_subset=16", "logger=csv", "figure_images=0"]
 
 
 class Slow(L.Callback):

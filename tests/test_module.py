@@ -43,19 +43,17 @@ def loader(n: int = 16) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
+
+def quiet_trainer(tmp_path, **options) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar or model summary."""
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, **options)
+
 def test_teacher_frozen_through_fit(tmp_path):
     module = tiny_module()
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=False)
     trainer.fit(module, loader(), loader())
     assert not module.teacher.training and all(not m.training for m in module.teacher.modules())
     assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
@@ -73,15 +71,7 @@ def test_teacher_frozen_through_fit(tmp_path):
 
 def test_checkpoint_is_student_sized_and_reloads(tmp_path):
     module = tiny_module()
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(module, loader())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
@@ -128,9 +118,7 @@ def test_finetune_freezes_bn_and_named_layers(tmp_path):
     finetune = FinetuneConf(frozen_layers=["conv0", "group1"], freeze_bn=True)
     module = DistillModule(student, objective, 10, finetune=finetune)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
     trainer.fit(module, loader(), loader())
     after = student.state_dict()
     for k, v in after.items():
@@ -145,8 +133,7 @@ def test_finetune_freezes_bn_and_named_layers(tmp_path):
 
 
 def _validate(module: DistillModule, tmp_path) -> dict[str, float]:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path)
     (metrics,) = trainer.validate(module, loader(32), verbose=False)
     return metrics
 
@@ -170,9 +157,8 @@ def test_attention_agreement_is_one_for_the_teacher_itself_and_rises_with_at(tmp
     module = DistillModule(student, objective, 10, teacher=teacher, agreement=Agreement(PAIRS))
     before = _validate(module, tmp_path)
     assert all(before[f"val/agreement/{g}"] < 0.99 for g, _ in PAIRS)  # a random student
-    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_steps=12, enable_checkpointing=False,
+                            limit_val_batches=0)
     trainer.fit(module, loader(32))
     after = _validate(module, tmp_path)
     for group, _ in PAIRS:

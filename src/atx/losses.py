@@ -218,6 +218,12 @@ class LayerPairTerm(Term):
         }
 
 
+def _any_term(need: str) -> property:
+    """An :class:`Objective` needs what any of its terms declares it needs."""
+    return property(lambda self: any(getattr(t, need) for t in self.terms),
+                    doc=f"Whether a term has ``{need}``.")
+
+
 class Objective(nn.Module):
     """The training loss: ``sum_t weight_t(epoch) * sum(term_t losses)``.
 
@@ -229,24 +235,10 @@ class Objective(nn.Module):
         super().__init__()
         self.terms = nn.ModuleList(terms)
 
-    def _any(self, need: str) -> bool:
-        return any(getattr(t, need) for t in self.terms)
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self._any("needs_teacher")
-
-    @property
-    def needs_input_grad(self) -> bool:
-        return self._any("needs_input_grad")
-
-    @property
-    def needs_teacher_input_grad(self) -> bool:
-        return self._any("needs_teacher_input_grad")
-
-    @property
-    def needs_flipped_input_grad(self) -> bool:
-        return self._any("needs_flipped_input_grad")
+    needs_teacher = _any_term("needs_teacher")
+    needs_input_grad = _any_term("needs_input_grad")
+    needs_teacher_input_grad = _any_term("needs_teacher_input_grad")
+    needs_flipped_input_grad = _any_term("needs_flipped_input_grad")
 
     @property
     def pairs(self) -> list[tuple[str, str]]:

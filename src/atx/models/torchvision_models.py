@@ -4,6 +4,7 @@ ResNet layer groups for attention transfer are `layer1` ... `layer4` (paper §4.
 Weights are never downloaded: pass `weights_path` to a local torchvision-format state dict.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -138,21 +139,21 @@ def torchvision(
     return model
 
 
-def resnet18(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    weights_path: str | None = None,
-    weights: str | None = None,
-) -> nn.Module:
-    """torchvision ResNet-18 (student of paper §4.2); groups `layer1`..`layer4`."""
-    return torchvision("resnet18", num_classes, in_channels, weights_path, weights)
+def torchvision_arch(arch: str, role: str) -> Callable[..., nn.Module]:
+    """:func:`torchvision` of one ``arch`` as a model name of its own (``model=resnet18``)."""
+
+    def build(
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        weights_path: str | None = None,
+        weights: str | None = None,
+    ) -> nn.Module:
+        return torchvision(arch, num_classes, in_channels, weights_path, weights)
+
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = f"torchvision {arch} ({role}); groups `layer1`..`layer4`."
+    return build
 
 
-def resnet34(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    weights_path: str | None = None,
-    weights: str | None = None,
-) -> nn.Module:
-    """torchvision ResNet-34 (teacher of paper §4.2); groups `layer1`..`layer4`."""
-    return torchvision("resnet34", num_classes, in_channels, weights_path, weights)
+resnet18 = torchvision_arch("resnet18", "student of paper §4.2")
+resnet34 = torchvision_arch("resnet34", "teacher of paper §4.2")
