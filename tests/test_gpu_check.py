@@ -15,8 +15,12 @@ import gpu_check  # noqa: E402
 def test_cpu_smoke_measures_alone_and_packed(tmp_path: Path, capsys) -> None:
     result = gpu_check.main(["--cpu-smoke", "--epochs", "1", "--jobs", "1", "2",
                              "--out", str(tmp_path)])
+    assert result["default"] > 0 and result["fast"] > 0 and result["fastest"] > 0
+    assert result["authors"] > 0  # the authors' loop, on as many images as the runs had
+    assert (tmp_path / "authors" / "model.pt7").is_file()
     printed = capsys.readouterr().out
-    assert result["default"] > 0 and result["fast"] > 0
+    assert gpu_check.report(result) in printed
+    assert f"authors' loop / fast: {result['authors'] / result['fast']:.2f}x" in printed
     assert set(result["packed"]) == {1, 2}
     assert result["packed"][1]["epoch_s"] == result["default"]  # the alone run, reused
     for n, row in result["packed"].items():
@@ -27,6 +31,9 @@ def test_cpu_smoke_measures_alone_and_packed(tmp_path: Path, capsys) -> None:
     assert {p.name for p in tmp_path.glob("packed2_*") if p.is_dir()} == {"packed2_0",
                                                                           "packed2_1"}
     assert f"{result['table1_row_hours']:.2f} h" in printed and "| 2 |" in printed
+    failed = gpu_check.report({**result, "fastest": None, "fastest_error": "gpu_check: x failed"})
+    assert "| failed (below) |" in failed and failed.endswith("gpu_check: x failed")
+    assert "authors' loop / fastest" not in failed
 
 
 def test_without_a_gpu_it_says_so_in_one_line(monkeypatch) -> None:
