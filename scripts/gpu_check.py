@@ -17,8 +17,8 @@ a random teacher: weights change no timing) and prints, from each run's ``metric
   sweep), their mean epoch time and the throughput in run-epochs per hour;
 * the hours a full Table 1 row (25 runs x 200 epochs) takes at the best packing.
 
-Without ``--data`` a random CIFAR-shaped image folder is written (timing only). Sized to fit in
-about 8 minutes on one large GPU with the defaults.
+Without ``--data`` a random CIFAR-shaped image folder is written (timing only). Sized, by
+estimate (it has not run on a GPU yet), for about 8 minutes on one large GPU with the defaults.
 
 ``--vit``: a real (short) CIFAR-10 run of a ViT-Ti/4 student from a CNN teacher, under 10
 minutes on one large GPU: a WRN-16-2 teacher (15 epochs, the authors' lr drops scaled), then the

@@ -28,6 +28,12 @@ def test_the_clock_charges_time_inside_a_timer_to_the_timer_only(monkeypatch) ->
     clock.charge("step")  # t = 4: 3 s since the mark, 1 of them the checkpoint
     assert clock.total() == {**dict.fromkeys(PARTS, 0.0), "data": 1.0, "step": 2.0,
                              "checkpoint": 1.0, "epoch": 4.0}
+    # a timed call inside another (a logger's log_metrics calling its save) counts once
+    save_inner = clock.timed("logging", lambda: None)
+    log = clock.timed("logging", lambda: save_inner())
+    log()  # t = 5 -> 6 (the inner call reads no clock)
+    clock.charge("step")  # t = 7: 3 s since the mark, 1 of them logging
+    assert (clock.parts["logging"], clock.parts["step"]) == (1.0, 4.0)
 
 
 def test_augment_is_a_reflect_padded_crop_and_flip_of_each_image() -> None:
@@ -49,13 +55,17 @@ def test_augment_is_a_reflect_padded_crop_and_flip_of_each_image() -> None:
 
 def test_the_authors_loop_trains_tests_and_saves_each_epoch(tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
-    data = {"x_train": torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8),
-            "y_train": torch.randint(0, 10, (16,), generator=g),
+    data = {"x_train": torch.randint(0, 256, (18, 3, 32, 32), generator=g, dtype=torch.uint8),
+            "y_train": torch.randint(0, 10, (18,), generator=g),
             "x_test": torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8),
             "y_test": torch.randint(0, 10, (8,), generator=g)}
     loop = AuthorsLoop(data, 4, tmp_path, "cpu")
     before = {k: v.detach().clone() for k, v in loop.runner.ps.items()}
+    sizes: list[int] = []
+    step = loop.runner.step
+    loop.runner.step = lambda x, y: sizes.append(len(x)) or step(x, y)
     parts = [loop.epoch(e) for e in range(2)]
+    assert sizes == [4, 4, 4, 4, 2] * 2  # every image every epoch, the last batch short
     for p in parts:
         assert p["epoch"] == pytest.approx(sum(p[k] for k in PARTS))
         assert p["step"] > 0 and p["eval"] > 0 and p["checkpoint"] > 0

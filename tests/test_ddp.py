@@ -34,8 +34,12 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["cnn", "vit_at"])
 def test_ddp_two_ranks_equal_each_other_and_one_process(tmp_path, kind):
     runs = [launch(tmp_path / "ddp", 2, kind), launch(tmp_path / "single", 1, kind)]
-    for process in runs:  # at the same time: independent processes
-        finish(process)
+    try:
+        for process in runs:  # at the same time: independent processes
+            finish(process)
+    finally:  # none left running when one fails or times out
+        for process in runs:
+            process.kill()
     rank0, rank1 = weights(tmp_path / "ddp" / "rank0.pt"), weights(tmp_path / "ddp" / "rank1.pt")
     single = weights(tmp_path / "single" / "rank0.pt")
     start = weights(tmp_path / "single" / "rank0_initial.pt")

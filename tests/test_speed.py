@@ -159,8 +159,12 @@ def test_compile_gives_the_same_step_and_taps_still_work() -> None:
     assert fast.student._compiled_call_impl is not None
     assert fast.teacher._compiled_call_impl is not None
     xy = batch(4, 8)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     out_f = fast._student_outputs(*xy)
     fast._add_teacher_outputs(out_f, *xy)
+    assert counters["stats"]["unique_graphs"] >= 2  # really compiled: student and teacher
     _, parts_f = fast.objective(out_f)
     out_p = plain._student_outputs(*xy)
     plain._add_teacher_outputs(out_p, *xy)
@@ -201,16 +205,19 @@ def test_a_bad_compile_mode_is_refused_while_composing() -> None:
 
 def test_the_figures_of_a_compiled_run_compile_nothing() -> None:
     """Attention figures tap a few images with hooks: compiled modules would recompile."""
+    from torch._dynamo import eval_frame  # its _stance is rebound by set_stance: read it anew
     from torch._dynamo.utils import counters
 
     from atx.figures import grad_maps, group_maps
 
+    assert eval_frame._stance.stance == "default"  # importing the figures turns nothing off
     module = tiny_module(SpeedConf(compile=True))
     x, y = batch(3, 8)
     counters.clear()
     maps = group_maps(module.student, ["group1"], x)
     grads = grad_maps(module.teacher, x, y)
     assert not counters["stats"]  # no graph captured
+    assert eval_frame._stance.stance == "default"  # and compiling is back on after the figures
     assert maps[0].shape == (3, 8, 8) and grads.shape == (3, 8, 8) and grads.max() == 1
     module.student(x)  # outside a figure the module is still compiled
     assert counters["stats"]["unique_graphs"] >= 1

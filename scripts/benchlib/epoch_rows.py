@@ -28,7 +28,9 @@ CIFAR_STD = torch.tensor([63.0, 62.1, 66.7]) / 255
 
 
 def now() -> float:
-    """Wall time after the GPU's queued work (a part ends when its kernels do)."""
+    """Wall time after the GPU's queued work (a part ends when its kernels do). On a GPU each
+    mark is a synchronisation: the parts are for the CPU rows (gpu_check times the authors'
+    loop, which synchronises at every step's ``.item()`` anyway, and atx from metrics.json)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -36,12 +38,14 @@ def now() -> float:
 
 class PartClock:
     """Charges the wall time between marks to named parts. Timers wrapped by :meth:`timed`
-    charge their own part and are taken out of the interval that contains them."""
+    charge their own part and are taken out of the interval that contains them; a timed call
+    inside another (a logger's ``log_metrics`` calling its ``save``) counts once, in the outer."""
 
     def __init__(self) -> None:
         self.parts = dict.fromkeys(PARTS, 0.0)
         self.mark = now()
         self.nested = 0.0
+        self.depth = 0
 
     def charge(self, part: str) -> None:
         t = now()
@@ -50,11 +54,13 @@ class PartClock:
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = now()
+            if self.depth:
+                return fn(*args, **kwargs)
+            t0, self.depth = now(), 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                d = now() - t0
+                d, self.depth = now() - t0, 0
                 self.parts[part] += d
                 self.nested += d
 
@@ -66,8 +72,9 @@ class PartClock:
 
 # -- the authors' loop -------------------------------------------------------------------------
 def augment(x: Tensor, g: torch.Generator) -> Tensor:
-    """A uint8 batch normalised, reflect-padded by 4, cropped back to 32x32 at a random offset
-    per image and flipped with p = 0.5 per image: their transforms, done on the whole batch."""
+    """A uint8 batch normalised, reflect-padded by 4 (torch's reflect, atx's too), cropped back
+    to 32x32 at a random offset per image and flipped with p = 0.5 per image: their pad, crop
+    and flip, done on the whole batch."""
     n = x.shape[0]
     mean, std = CIFAR_MEAN.to(x.device)[:, None, None], CIFAR_STD.to(x.device)[:, None, None]
     x = F.pad((x.float() / 255 - mean) / std, (4, 4, 4, 4), mode="reflect")
@@ -95,6 +102,8 @@ class AuthorsLoop:
         self.data = {k: v.to(device) for k, v in data.items()}
         self.batch_size, self.out, self.device = batch_size, out, device
         self.g = torch.Generator().manual_seed(0)
+        if device == "cuda":  # their cifar.py sets it (atx's trainer=gpu too)
+            torch.backends.cudnn.benchmark = True
         out.mkdir(parents=True, exist_ok=True)
 
     def epoch(self, index: int) -> dict[str, float]:
@@ -102,12 +111,12 @@ class AuthorsLoop:
         x_train, y_train = self.data["x_train"], self.data["y_train"]
         order = torch.randperm(len(x_train), generator=self.g).to(self.device)
         meter = []
-        for i in range(0, len(order) - bs + 1, bs):  # torchnet drops no batch; ours divide
+        for i in range(0, len(order), bs):  # torchnet's loader drops no batch, nor does atx's
             idx = order[i:i + bs]
             x, y = augment(x_train[idx], self.g), y_train[idx]
             clock.charge("data")
             r.step(x, y)
-            meter.append(sum(r.meters))  # their meters: every loss .item()'d each step
+            meter.append(sum(r.meters))  # their meters: every group loss .item()'d each step
             clock.charge("step")
         correct = 0
         mean = CIFAR_MEAN.to(self.device)[:, None, None]
@@ -126,7 +135,7 @@ class AuthorsLoop:
                     "optimizer": r.opt.state_dict(), "epoch": index}, self.out / "model.pt7")
         clock.charge("checkpoint")
         with open(self.out / "log.txt", "a") as f:
-            f.write(json.dumps({"epoch": index, "train_loss": statistics.fmean(meter),
+            f.write(json.dumps({"epoch": index, "train_at_loss": statistics.fmean(meter),
                                 "test_acc": correct / len(x_test), "at_losses": losses}) + "\n")
         clock.charge("logging")
         return clock.total()

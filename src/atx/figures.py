@@ -19,8 +19,10 @@ from atx.attention import MapMode, attention_map  # noqa: E402
 from atx.features import LayerTaps  # noqa: E402
 from atx.gradient_attention import input_gradient  # noqa: E402
 
-# A compiled run's figures run its modules eager: a few images with hooks would recompile them.
-EAGER = torch.compiler.set_stance("force_eager")
+def eager() -> Any:
+    """A compiled run's figures run its modules eager: a few images with hooks would recompile
+    them. A fresh context each time: ``set_stance`` takes effect when it is called."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def group_maps(
@@ -32,7 +34,7 @@ def group_maps(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), EAGER:
+        with torch.no_grad(), eager():
             model(x)
         feats = taps.outputs()
     finally:
@@ -52,7 +54,7 @@ def grad_maps(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), EAGER:
+        with torch.enable_grad(), eager():
             x = x.detach().clone().requires_grad_(True)
             g = input_gradient(model(x), y, x).abs().sum(dim=1)
     finally:
