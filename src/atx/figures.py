@@ -19,6 +19,7 @@ from atx.attention import MapMode, attention_map  # noqa: E402
 from atx.features import LayerTaps  # noqa: E402
 from atx.gradient_attention import input_gradient  # noqa: E402
 
+
 def eager() -> Any:
     """A compiled run's figures run its modules eager: a few images with hooks would recompile
     them. A fresh context each time: ``set_stance`` takes effect when it is called."""
