@@ -52,7 +52,9 @@ class PartClock:
         self.parts[part] += t - self.mark - self.nested
         self.mark, self.nested = t, 0.0
 
-    def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(self, part: str | None, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` timed as ``part``; ``None``: outside the epoch (taken out, charged nowhere)."""
+
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if self.depth:
                 return fn(*args, **kwargs)
@@ -61,7 +63,8 @@ class PartClock:
                 return fn(*args, **kwargs)
             finally:
                 d, self.depth = now() - t0, 0
-                self.parts[part] += d
+                if part is not None:
+                    self.parts[part] += d
                 self.nested += d
 
         return wrapper
@@ -194,15 +197,33 @@ class EpochParts(L.Callback):
         self.clock = None
 
 
+class Interleaved(L.Callback):
+    """One epoch of the authors' loop at the start of each atx epoch, outside that epoch's
+    clock: the two alternate epoch by epoch, so the machine's drift hits both alike."""
+
+    def __init__(self, loop: AuthorsLoop, parts: EpochParts) -> None:
+        self.loop, self.parts = loop, parts
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.parts.clock is not None, "EpochParts must come first"
+        epoch = self.parts.clock.timed(None, self.loop.epoch)(trainer.current_epoch)
+        self.epochs.append(epoch)
+
+
 @contextlib.contextmanager
-def with_epoch_parts() -> Iterator[EpochParts]:
-    """``atx.train.train`` with an :class:`EpochParts` after its own callbacks."""
+def with_epoch_parts(
+    loop: AuthorsLoop | None = None,
+) -> Iterator[tuple[EpochParts, Interleaved | None]]:
+    """``atx.train.train`` with an :class:`EpochParts` after its own callbacks (and the
+    authors' ``loop`` interleaved after it)."""
     import atx.train
 
     parts, original = EpochParts(), atx.train.run_callbacks
-    atx.train.run_callbacks = lambda *a: [*original(*a), parts]
+    beside = Interleaved(loop, parts) if loop is not None else None
+    atx.train.run_callbacks = lambda *a: [*original(*a), parts, *([beside] if beside else [])]
     try:
-        yield parts
+        yield parts, beside
     finally:
         atx.train.run_callbacks = original
 
@@ -213,8 +234,9 @@ ATX_PATHS = {"atx float32": [], "atx speed=fast": ["speed=fast"]}
 
 
 def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Namespace,
-               run_dir: Path) -> list[dict[str, float]]:
-    """One real ``atx-train`` fit of ``args.epochs`` epochs; the parts of each epoch."""
+               run_dir: Path, loop: AuthorsLoop | None = None) -> tuple[list[dict], list[dict]]:
+    """One real ``atx-train`` fit of ``args.epochs`` epochs: the parts of each of its epochs,
+    and of each epoch of the authors' ``loop`` run between them (none without a loop)."""
     import torch._dynamo
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -237,18 +259,18 @@ def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Names
     with open_dict(cfg):
         del cfg["hydra"]
     try:
-        with with_epoch_parts() as parts:
+        with with_epoch_parts(loop) as (parts, beside):
             train(cfg, run_dir)
     finally:
         torch._dynamo.reset()  # compiled runs share no caches or recompile limits
-    return parts.epochs
+    return parts.epochs, beside.epochs if beside else []
 
 
-def bench_epoch_rows(args: argparse.Namespace, work: Path) -> list[dict[str, list[dict]]]:
-    """``args.epoch_rounds`` rounds, each: the authors' loop and each atx path for
-    ``args.epochs`` epochs on the same data (odd rounds in reverse order, so a machine that
-    speeds up or slows down favours no path); per round and path, every epoch but the first
-    (warm-up, compilation)."""
+def bench_epoch_rows(args: argparse.Namespace, work: Path) -> list[dict[str, dict]]:
+    """``args.epoch_rounds`` rounds, each one real ``atx-train`` fit per atx path (odd rounds
+    in reverse order) of ``args.epochs`` epochs, an epoch of the authors' loop (a fresh one per
+    fit) before each of its epochs, on the same data; every epoch but each side's first
+    (warm-up, compilation). Per round: ``{path: {"atx": [...], "authors": [...]}}``."""
     from atx.build import build_network
     from atx.data import CIFAR10DataModule
     from benchlib.loaders import write_synthetic_cifar10
@@ -260,23 +282,21 @@ def bench_epoch_rows(args: argparse.Namespace, work: Path) -> list[dict[str, lis
     teacher = work / "teacher.pt"
     torch.manual_seed(0)
     torch.save(build_network(_teacher_conf(), "teacher", 10, 3).state_dict(), teacher)
-    paths = [AUTHORS, *(k for k, v in ATX_PATHS.items()
-                        if not (args.no_compile and "speed=fast" in v))]
-    rounds: list[dict[str, list[dict]]] = []
+    paths = [k for k, v in ATX_PATHS.items() if not (args.no_compile and "speed=fast" in v)]
+    rounds: list[dict[str, dict]] = []
     for rnd in range(args.epoch_rounds):
-        timed: dict[str, list[dict]] = {}
+        timed: dict[str, dict] = {}
         for label in paths if rnd % 2 == 0 else paths[::-1]:
-            run_dir = work / f"{label.replace(' ', '_')}{rnd}"
-            if label == AUTHORS:
-                loop = AuthorsLoop(data, args.batch_size, run_dir, args.device)
-                timed[label] = [loop.epoch(e) for e in range(args.epochs)][1:]
-            else:
-                run_dir.mkdir()
-                timed[label] = atx_epochs(root, teacher, ATX_PATHS[label], args, run_dir)[1:]
+            name = f"{label.replace(' ', '_')}{rnd}"
+            (work / name).mkdir()
+            loop = AuthorsLoop(data, args.batch_size, work / f"{name}_authors", args.device)
+            atx, authors = atx_epochs(root, teacher, ATX_PATHS[label], args, work / name, loop)
+            timed[label] = {"atx": atx[1:], "authors": authors[1:]}
         rounds.append({k: timed[k] for k in paths})
         print(f"epoch round {rnd + 1}/{args.epoch_rounds}: " + ", ".join(
-            f"{k} {statistics.median(e['epoch'] for e in v):.2f} s" for k, v in timed.items()),
-            flush=True)
+            f"{k} {statistics.median(e['epoch'] for e in v['atx']):.2f} s (authors' loop beside"
+            f" it {statistics.median(e['epoch'] for e in v['authors']):.2f} s)"
+            for k, v in timed.items()), flush=True)
     return rounds
 
 
@@ -286,11 +306,13 @@ def _teacher_conf() -> Any:
     return compose_distill("none").teacher
 
 
-def epoch_rows_table(rounds: list[dict[str, list[dict]]], images: int) -> str:
-    """Median seconds of each part per path over all timed epochs, then each atx path's
-    speed-up over the authors' loop paired within each round (median and range)."""
+def epoch_rows_table(rounds: list[dict[str, dict]], images: int) -> str:
+    """Median seconds of each part over all timed epochs (the authors' loop: its epochs beside
+    every atx path), then each atx path's speed-up over the authors' epoch run just before it,
+    paired epoch by epoch (median and range)."""
     paths = list(rounds[0])
-    epochs = {k: [e for r in rounds for e in r[k]] for k in paths}
+    epochs = {AUTHORS: [e for r in rounds for k in paths for e in r[k]["authors"]],
+              **{k: [e for r in rounds for e in r[k]["atx"]] for k in paths}}
     med = {k: {p: statistics.median(e[p] for e in v) for p in (*PARTS, "epoch")}
            for k, v in epochs.items()}
     lines = md_table(
@@ -299,11 +321,11 @@ def epoch_rows_table(rounds: list[dict[str, list[dict]]], images: int) -> str:
           str(len(epochs[k]))) for k, m in med.items()),
     )
     lines.append("")
-    for k in paths[1:]:
-        paired = sorted(statistics.median(e["epoch"] for e in r[AUTHORS])
-                        / statistics.median(e["epoch"] for e in r[k]) for r in rounds)
+    for k in paths:
+        paired = sorted(a["epoch"] / x["epoch"] for r in rounds
+                        for a, x in zip(r[k]["authors"], r[k]["atx"], strict=True))
         target = 1.5 if "fast" in k else 1.0
         lines.append(f"{k} epoch vs the authors' loop: {statistics.median(paired):.2f}x faster"
-                     f" (paired per round, {len(paired)} rounds: {paired[0]:.2f}-{paired[-1]:.2f};"
-                     f" target >= {target})")
+                     f" (paired epoch by epoch, {len(paired)} pairs: {paired[0]:.2f}-"
+                     f"{paired[-1]:.2f}; target >= {target})")
     return "\n".join(lines)
