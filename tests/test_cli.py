@@ -38,7 +38,6 @@ def test_multirun_sweep_beta_by_p_by_layers_with_wandb_offline(tmp_path, teacher
             "distill.at.beta=500,1000",
             "distill.at.p=1,2",
             "distill.at.student_layers=all,[group3]",  # a preset and a free list
-            "trainer.max_epochs=2",
             "logger=wandb",
             "name=sweep_test",
             f"hydra.sweep.dir={sweep}",

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import gpu_check  # noqa: E402
 
 
-def test_cpu_smoke_measures_alone_and_packed(tmp_path: Path, capsys) -> None:
+def test_cpu_smoke_measures_alone_and_packed(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # five runs at once on the CPU: a thread each
     result = gpu_check.main(["--cpu-smoke", "--epochs", "1", "--jobs", "1", "2",
                              "--out", str(tmp_path)])
     assert result["default"] > 0 and result["fast"] > 0 and result["fastest"] > 0
