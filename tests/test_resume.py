@@ -3,7 +3,8 @@
 One scenario with the real ``atx-train`` in subprocesses (module fixture), tiny AT run of 2
 epochs x 6 steps with a step checkpoint every 2 steps:
 
-- reference: uninterrupted, as a 1-job sweep (``-m`` with a pinned sweep dir);
+- reference: uninterrupted, as a 1-job sweep (``-m`` with a pinned sweep dir), run at the same
+  time as the interrupted run's resumes;
 - interrupted: SIGKILL once ``step-2.ckpt`` exists (mid-epoch 0) -> ``resume=<dir>`` -> SIGTERM
   once ``step-8.ckpt`` exists (mid-epoch 1) -> the two newest checkpoints truncated -> resume
   again from the epoch-0 end checkpoint to the end.
@@ -102,14 +103,13 @@ def runs(tmp_path_factory, teacher_pt) -> dict:
     args = [*RUN, f"teacher.checkpoint={teacher_pt}"]
     out: dict = {"args": args, "sweep": base / "sweep", "run": base / "run"}
     run = out["run"]
-    reference = start(["-m", *args, f"hydra.sweep.dir={out['sweep']}"])
-    out["reference"] = finish(reference)
-
     killed = start([*args, f"hydra.run.dir={run}"])
     signal_at(killed, run / "checkpoints" / "step-2.ckpt", signal.SIGKILL)
     out["killed"] = finish(killed)
-    out["teacher_checks"] = _teacher_checks(run, args, teacher_pt)
+    out["teacher_checks"] = _teacher_checks(run, args, teacher_pt)  # teacher_pt restored after
 
+    # the uninterrupted reference runs beside the rest (its own dir; the teacher file is final)
+    reference = start(["-m", *args, f"hydra.sweep.dir={out['sweep']}"])
     wandb = {"WANDB_MODE": "offline"}
     terminated = start([f"resume={run}", "logger=wandb"], env=wandb)
     signal_at(terminated, run / "checkpoints" / "step-8.ckpt", signal.SIGTERM)
@@ -121,6 +121,7 @@ def runs(tmp_path_factory, teacher_pt) -> dict:
         ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     (run / "checkpoints" / ".last.ckpt.tmp999").write_bytes(b"PK")  # a writer killed mid-write
     out["resumed"] = finish(start([f"resume={run}", "logger=wandb"], env=wandb))
+    out["reference"] = finish(reference)
     job = out["sweep"] / "0"
     out["stamps"] = [(job / f).stat().st_mtime_ns for f in ("student.pt", "metrics.json")]
     out["relaunched"] = finish(start(["-m", *args, f"hydra.sweep.dir={out['sweep']}"]))
