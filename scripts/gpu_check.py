@@ -60,13 +60,6 @@ def random_cifar(root: Path, per_class: int) -> Path:
     return root
 
 
-def random_teacher(path: Path) -> Path:
-    from atx.models import build_model
-
-    torch.save(build_model("wrn", 10, 3, depth=16, width=2).state_dict(), path)
-    return path
-
-
 def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "atx.train", *overrides, f"hydra.run.dir={run_dir}"]
     log = open(run_dir.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
@@ -101,7 +94,9 @@ def run_together(out: Path, name: str, overrides: list[str], n: int) -> list[flo
 def measure(args: argparse.Namespace, out: Path) -> dict:
     smoke = args.cpu_smoke
     data = Path(args.data) if args.data else random_cifar(out / "cifar", 10 if smoke else 1000)
-    teacher = random_teacher(out / "teacher.pt")
+    from benchlib.steps import write_random_teacher
+
+    teacher = write_random_teacher(out / "teacher.pt")
     base = ["experiment=t1_wrn_16_1-wrn_16_2", "distill=at_kd", f"teacher.checkpoint={teacher}",
             f"data.root={data}", f"trainer.max_epochs={args.epochs}", *QUIET]
     if smoke:  # the same path, seconds on a CPU: a WRN-10-1 on a few images

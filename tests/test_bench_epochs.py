@@ -79,12 +79,10 @@ def test_the_authors_loop_trains_tests_and_saves_each_epoch(tmp_path) -> None:
 
 def test_the_parts_of_a_real_atx_train_epoch(tmp_path) -> None:
     from benchlib.loaders import write_synthetic_cifar10
-
-    from atx.build import build_network
+    from benchlib.steps import write_random_teacher
 
     root = write_synthetic_cifar10(tmp_path / "cifar10", 40, 10)
-    teacher = tmp_path / "teacher.pt"
-    torch.save(build_network(epoch_rows._teacher_conf(), "teacher", 10, 3).state_dict(), teacher)
+    teacher = write_random_teacher(tmp_path / "teacher.pt")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = argparse.Namespace(device="cpu", batch_size=8, epochs=2)

@@ -238,12 +238,12 @@ def test_ranks_given_different_runs_stop_in_one_line(tmp_path, monkeypatch):
                            AttentionTransfer(Schedule(50.0), [("group1", "group1")])])
 
     def gather(out: list, mine: dict) -> None:  # rank 1 was handed another beta
-        out[:] = [mine, {**mine, "rank": 1, "weights": {**mine["weights"], "at": 20.0}}]
+        out[:] = [mine, {**mine, "weights": {**mine["weights"], "at": 20.0}}]
 
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
     trainer = type("T", (), {"world_size": 2, "global_rank": 0, "is_global_zero": True})()
     module = type("M", (), {"objective": objective})()
-    check = SameRunOnEveryRank(tmp_path, {"distill.at.beta": 50.0})
+    check = SameRunOnEveryRank(tmp_path, "0123abcd")
     with pytest.raises(AtxError) as e:
         check.on_fit_start(trainer, module)
     assert str(e.value).startswith("DDP rank 1 was given another run than rank 0 (its weights")

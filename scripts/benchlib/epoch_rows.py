@@ -238,11 +238,9 @@ def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Names
     """One real ``atx-train`` fit of ``args.epochs`` epochs: the parts of each of its epochs,
     and of each epoch of the authors' ``loop`` run between them (none without a loop)."""
     import torch._dynamo
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
-    from atx.train import CONF_DIR, train
+    from atx.train import train
+    from benchlib.steps import compose_train
 
     accel = "gpu" if args.device == "cuda" else "cpu"
     overrides = [
@@ -253,11 +251,7 @@ def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Names
         "figure_images=0",  # the end-of-run figure is not part of an epoch
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = compose_train(overrides)
     try:
         with with_epoch_parts(loop) as (parts, beside):
             train(cfg, run_dir)
@@ -271,17 +265,15 @@ def bench_epoch_rows(args: argparse.Namespace, work: Path) -> list[dict[str, dic
     in reverse order) of ``args.epochs`` epochs, an epoch of the authors' loop (a fresh one per
     fit) before each of its epochs, on the same data; every epoch but each side's first
     (warm-up, compilation). Per round: ``{path: {"atx": [...], "authors": [...]}}``."""
-    from atx.build import build_network
     from atx.data import CIFAR10DataModule
     from benchlib.loaders import write_synthetic_cifar10
+    from benchlib.steps import write_random_teacher
 
     root = write_synthetic_cifar10(work / "cifar10", args.epoch_images, args.epoch_test)
     dm = CIFAR10DataModule(root=str(root), batch_size=args.batch_size)
     dm.setup("fit")
     data = {"x_train": dm.x_train, "y_train": dm.y_train, "x_test": dm.x_val, "y_test": dm.y_val}
-    teacher = work / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(build_network(_teacher_conf(), "teacher", 10, 3).state_dict(), teacher)
+    teacher = write_random_teacher(work / "teacher.pt")
     paths = [k for k, v in ATX_PATHS.items() if not (args.no_compile and "speed=fast" in v)]
     rounds: list[dict[str, dict]] = []
     for rnd in range(args.epoch_rounds):
@@ -298,12 +290,6 @@ def bench_epoch_rows(args: argparse.Namespace, work: Path) -> list[dict[str, dic
             f" it {statistics.median(e['epoch'] for e in v['authors']):.2f} s)"
             for k, v in timed.items()), flush=True)
     return rounds
-
-
-def _teacher_conf() -> Any:
-    from benchlib.steps import compose_distill
-
-    return compose_distill("none").teacher
 
 
 def epoch_rows_table(rounds: list[dict[str, dict]], images: int) -> str:

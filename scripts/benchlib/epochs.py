@@ -106,23 +106,17 @@ def epoch_paths(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
 def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
     # the training stack loads only in epoch mode
     import torch._dynamo
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
     from atx.build import build_network
-    from atx.train import CONF_DIR, train
+    from atx.train import train
+    from benchlib.steps import compose_train
 
     teacher = work / "teacher.pt"  # random weights of the configured teacher, written below
     rows = []
     for label, cls, extra in epoch_paths(args):
         overrides = epoch_overrides(args, root, teacher) + extra
         overrides.append(f"data._target_={__name__}.{cls}")
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
+        cfg = compose_train(overrides)
         if not teacher.exists():
             torch.manual_seed(0)
             torch.save(build_network(cfg.teacher, "teacher", 10, 3).state_dict(), teacher)

@@ -14,8 +14,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -72,6 +73,27 @@ def compose_distill(preset: str, student: str = "", teacher: str = "wrn_16_2") -
     """The composed train config for ``distill=<preset>`` and a student of ``STUDENTS`` (what
     ``atx-train`` would see); a copy, free to change (Hydra composes each once)."""
     return copy.deepcopy(_composed(preset, student, teacher))
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """What ``atx-train <overrides>`` composes, ready for ``atx.train.train`` (``HydraConfig``
+    set, so ``${hydra:...}`` resolves)."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def write_random_teacher(path: Path) -> Path:
+    """The WRN-16-2 teacher preset with random weights from seed 0 (weights change no timing)."""
+    torch.manual_seed(0)
+    net = build.build_network(compose_distill("none").teacher, "teacher", SHAPE.num_classes,
+                              SHAPE.in_channels)
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def build_module(row: Row, student: nn.Module, teacher: nn.Module) -> DistillModule:

@@ -4,7 +4,6 @@ rank trains the same run."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -127,32 +126,29 @@ class EpochTimes(L.Callback):
 
 class SameRunOnEveryRank(L.Callback):
     """DDP: every rank must train the same run (a sweeper or launcher that handed ranks different
-    values would train a mix). At the start of the fit the ranks exchange the hash of the config
+    values would train a mix). At the start of the fit the ranks exchange the key of the config
     each one composed and their loss terms' weights and layer pairs; rank 0 writes them to
     ``ranks.json`` in the run dir, and ranks that differ stop the run with one line."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
-        self.run_dir = Path(run_dir)
-        text = json.dumps(config, sort_keys=True, default=str)
-        self.config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    def __init__(self, run_dir: Path, config_key: str) -> None:
+        self.run_dir, self.config_key = Path(run_dir), config_key
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.world_size < 2:
             return
         objective = module.objective  # type: ignore[attr-defined]
-        mine = {"rank": trainer.global_rank, "config": self.config_hash,
-                "weights": objective.weights(0), "pairs": [list(p) for p in objective.pairs]}
+        mine = {"config": self.config_key, "weights": objective.weights(0),
+                "pairs": [list(p) for p in objective.pairs]}
         ranks: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(ranks, mine)
         if trainer.is_global_zero:
-            data = json.dumps(ranks, indent=2).encode()
+            data = json.dumps([{"rank": i, **r} for i, r in enumerate(ranks)], indent=2).encode()
             replace_atomically(self.run_dir / RANKS_FILE, lambda f: f.write(data))
-        same = {k: v for k, v in ranks[0].items() if k != "rank"}
-        for other in ranks[1:]:
-            if {k: v for k, v in other.items() if k != "rank"} != same:
-                what = next(k for k in same if other[k] != same[k])
+        for rank, other in enumerate(ranks):
+            if other != ranks[0]:
+                what = next(k for k in other if other[k] != ranks[0][k])
                 raise AtxError(
-                    f"DDP rank {other['rank']} was given another run than rank 0 (its {what}"
+                    f"DDP rank {rank} was given another run than rank 0 (its {what}"
                     f" differs, see {self.run_dir / RANKS_FILE}): start every rank with the"
                     " same overrides and no per-process values in the config"
                 )

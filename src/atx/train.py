@@ -46,7 +46,14 @@ from atx.cluster import (
 )
 from atx.config import composition_error_line, register
 from atx.errors import AtxError
-from atx.loggers import RunLabels, build_loggers, finish_wandb, flatten, run_labels
+from atx.loggers import (
+    RunLabels,
+    build_loggers,
+    config_key,
+    finish_wandb,
+    flatten,
+    run_labels,
+)
 from atx.module import HELDOUT
 from atx.resume import (
     PreemptionHandover,
@@ -152,7 +159,7 @@ def run_callbacks(
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None),
         LearningRateMonitor(logging_interval="epoch"),
         EpochTimes(),
-        SameRunOnEveryRank(run_dir, flat_config),
+        SameRunOnEveryRank(run_dir, config_key(flat_config, leave_out=())),
         *checkpoint_callbacks(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                               configured_teacher(cfg)),
     ]
