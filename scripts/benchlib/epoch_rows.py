@@ -239,8 +239,7 @@ def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Names
     and of each epoch of the authors' ``loop`` run between them (none without a loop)."""
     import torch._dynamo
 
-    from atx.train import train
-    from benchlib.steps import compose_train
+    from atx.train import compose_config, train
 
     accel = "gpu" if args.device == "cuda" else "cpu"
     overrides = [
@@ -251,7 +250,7 @@ def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Names
         "figure_images=0",  # the end-of-run figure is not part of an epoch
         *extra,
     ]
-    cfg = compose_train(overrides)
+    cfg = compose_config(overrides)
     try:
         with with_epoch_parts(loop) as (parts, beside):
             train(cfg, run_dir)

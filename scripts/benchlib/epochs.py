@@ -108,15 +108,14 @@ def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
     import torch._dynamo
 
     from atx.build import build_network
-    from atx.train import train
-    from benchlib.steps import compose_train
+    from atx.train import compose_config, train
 
     teacher = work / "teacher.pt"  # random weights of the configured teacher, written below
     rows = []
     for label, cls, extra in epoch_paths(args):
         overrides = epoch_overrides(args, root, teacher) + extra
         overrides.append(f"data._target_={__name__}.{cls}")
-        cfg = compose_train(overrides)
+        cfg = compose_config(overrides)
         if not teacher.exists():
             torch.manual_seed(0)
             torch.save(build_network(cfg.teacher, "teacher", 10, 3).state_dict(), teacher)

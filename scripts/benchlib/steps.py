@@ -14,9 +14,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -73,18 +72,6 @@ def compose_distill(preset: str, student: str = "", teacher: str = "wrn_16_2") -
     """The composed train config for ``distill=<preset>`` and a student of ``STUDENTS`` (what
     ``atx-train`` would see); a copy, free to change (Hydra composes each once)."""
     return copy.deepcopy(_composed(preset, student, teacher))
-
-
-def compose_train(overrides: list[str]) -> DictConfig:
-    """What ``atx-train <overrides>`` composes, ready for ``atx.train.train`` (``HydraConfig``
-    set, so ``${hydra:...}`` resolves)."""
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def write_random_teacher(path: Path) -> Path:

@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from atx import build
@@ -84,6 +84,20 @@ def _conf_dir() -> tuple[Path, str]:
 
 CONF_PACKAGE = "atx.conf"
 CONF_DIR, CONF_SOURCE = _conf_dir()  # users add their own with hydra.searchpath=[file://...]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``atx-train <overrides>`` composes, outside the command line (benchmarks,
+    tests), with ``HydraConfig`` set so ``${hydra:...}`` resolves."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def check_sweep(cfg: DictConfig, launcher: DictConfig) -> None:
