@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atx.attention import at_loss, attention_agreement, attention_map, spatial_map
+from atx.attention import at_loss, attention_map, map_agreement, spatial_map
 
 # One sample, C=2 channels, a 1x2 map: A_1 = [1, -2], A_2 = [3, 0].
 A = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])
@@ -138,7 +138,7 @@ def test_at_loss_spatial_mismatch_and_interpolation():
     # nearest-neighbour or the corner-aligned resize is not
     bilinear = up.sqrt().expand(2, 4, 8, 6)
     assert float(at_loss(s, bilinear, interpolate=True)) == pytest.approx(0.0, abs=1e-7)
-    cosine, _ = attention_agreement(s, bilinear)
+    cosine, _ = map_agreement(spatial_map(s), spatial_map(bilinear))
     torch.testing.assert_close(cosine, torch.ones(2))
     for mode, corners in (("nearest", None), ("bilinear", True)):
         other = F.interpolate(s_map, size=(8, 6), mode=mode, align_corners=corners)
@@ -148,12 +148,12 @@ def test_at_loss_spatial_mismatch_and_interpolation():
 def test_attention_agreement_hand_values():
     s = _features_with_map([1.0, 0.0])  # q = [1, 0]
     t = _features_with_map([1.0, 1.0])  # q = [1, 1] / sqrt(2)
-    cosine, distance = attention_agreement(s, t)
+    cosine, distance = map_agreement(spatial_map(s), spatial_map(t))
     torch.testing.assert_close(cosine, torch.tensor([1 / math.sqrt(2)]))
     # mean over the 2 positions of (1 - 1/sqrt2)^2 and (0 - 1/sqrt2)^2
     expected = ((1 - 1 / math.sqrt(2)) ** 2 + 0.5) / 2
     torch.testing.assert_close(distance, torch.tensor([expected]))
-    same_c, same_d = attention_agreement(s, 2 * s)
+    same_c, same_d = map_agreement(spatial_map(s), spatial_map(2 * s))
     torch.testing.assert_close(same_c, torch.ones(1))
     torch.testing.assert_close(same_d, torch.zeros(1))
 

@@ -181,6 +181,8 @@ BAD: list[tuple[str, list[str], str]] = [
      "data.root='/nope/cifar' does not exist"),
     ("max epochs", ["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),
     ("figure images", ["figure_images=-1"], "figure_images=-1 must be >= 0 (0 turns it off)"),
+    ("teacher eval cache", ["speed.teacher_eval_cache_mib=-1"],
+     "speed.teacher_eval_cache_mib=-1 must be >= 0 (0 turns the cache off)"),
     ("ddp preset on this machine", ["trainer=ddp"], gpu_message(2)),
     ("more GPUs than exist", ["trainer.accelerator=gpu", f"trainer.devices={GPUS + 1}"],
      gpu_message(GPUS + 1)),

@@ -12,13 +12,14 @@ from atx.errors import AtxError
 from atx.features import LayerTaps, check_layer_names
 from atx.losses import Objective, Schedule
 from atx.models import build_model
-from atx.module import Agreement, DistillModule, FinetuneConf
+from atx.module import Agreement, DistillModule, FinetuneConf, TeacherEvalMaps
+from atx.speed import SpeedConf
 from atx.terms import AttentionTransfer, CrossEntropy, KnowledgeDistillation
 
 PAIRS = [("group1", "group1"), ("group2", "group2"), ("group3", "group3")]
 
 
-def tiny_module(train_teacher_bn: bool = True) -> DistillModule:
+def tiny_module(train_teacher_bn: bool = True, **options) -> DistillModule:
     torch.manual_seed(0)
     student = build_model("wrn", num_classes=10, depth=10, width=1)
     teacher = build_model("wrn", num_classes=10, depth=10, width=2)
@@ -33,7 +34,7 @@ def tiny_module(train_teacher_bn: bool = True) -> DistillModule:
             AttentionTransfer(Schedule(1000.0), PAIRS),
         ]
     )
-    return DistillModule(student, objective, 10, teacher=teacher)
+    return DistillModule(student, objective, 10, teacher=teacher, **options)
 
 
 def loader(n: int = 16) -> DataLoader:
@@ -164,3 +165,67 @@ def test_attention_agreement_is_one_for_the_teacher_itself_and_rises_with_at(tmp
     for group, _ in PAIRS:
         assert after[f"val/agreement/{group}"] > before[f"val/agreement/{group}"] + 0.01, group
         assert after[f"val/at_distance/{group}"] < before[f"val/at_distance/{group}"], group
+
+
+class EvalRecord(L.Callback):
+    """Every evaluation's agreement metrics, and the teacher forwards run while evaluating."""
+
+    def __init__(self, module: DistillModule) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.teacher_evals = 0
+        module.teacher.register_forward_hook(self._count)
+        self.module = module
+
+    def _count(self, *_) -> None:
+        self.teacher_evals += not self.module.trainer.training
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                             if "agreement" in k or "at_distance" in k})
+
+
+def _fit_recording(tmp_path, cache_mib: int, shuffle_val: bool = False):
+    module = tiny_module(agreement=Agreement(PAIRS),
+                         speed=SpeedConf(teacher_eval_cache_mib=cache_mib))
+    record = EvalRecord(module)
+    val = loader(32)
+    if shuffle_val:
+        val = DataLoader(val.dataset, batch_size=8, shuffle=True,
+                         generator=torch.Generator().manual_seed(5))
+    trainer = quiet_trainer(tmp_path / str(cache_mib), max_epochs=3, limit_train_batches=2,
+                            enable_checkpointing=False, callbacks=[record])
+    trainer.fit(module, loader(), val)
+    return module, record
+
+
+def test_the_teachers_eval_maps_are_computed_once_and_agree_bit_for_bit(tmp_path):
+    """The frozen teacher runs on each evaluation batch once per fit (the sanity check's two,
+    then the other two); the student still trains, and every epoch's agreement metrics equal,
+    bit for bit, those of a run recomputing the teacher (speed.teacher_eval_cache_mib=0)."""
+    cached, with_cache = _fit_recording(tmp_path, 1024)
+    _, without = _fit_recording(tmp_path, 0)
+    assert without.teacher_evals == 2 + 3 * 4  # sanity check + 3 epochs of 4 batches
+    assert with_cache.teacher_evals == 4 and len(cached.teacher_eval_maps.maps) == 4
+    assert len(with_cache.metrics) == 4 and with_cache.metrics == without.metrics
+    assert with_cache.metrics[1] != with_cache.metrics[-1]  # the student moved
+
+
+@pytest.mark.filterwarnings("ignore:.*shuffling enabled.*")
+def test_a_shuffled_eval_loader_turns_the_teacher_cache_off(tmp_path):
+    """Batches that are not the ones cached (a shuffled loader) are caught by their labels and
+    pixels: the cache turns itself off and the metrics are those of the recomputing run."""
+    cached, with_cache = _fit_recording(tmp_path, 1024, shuffle_val=True)
+    _, without = _fit_recording(tmp_path, 0, shuffle_val=True)
+    assert not cached.teacher_eval_maps.on and not cached.teacher_eval_maps.maps
+    assert with_cache.teacher_evals > 4 and with_cache.metrics == without.metrics
+
+
+def test_the_teacher_cache_stays_within_its_limit():
+    cache = TeacherEvalMaps(1)
+    x, y = torch.zeros(2, 3, 4, 4), torch.tensor([1, 2])
+    cache.put(("val", 0), x, y, [torch.zeros(2, 256, 256)])  # 512 KiB: kept
+    assert cache.get(("val", 0), x, y) is not None
+    cache.put(("val", 1), x, y, [torch.zeros(2, 256, 256)])  # past 1 MiB: the cache is off
+    assert not cache.on and cache.get(("val", 0), x, y) is None
+    cache.reset()  # the next fit, validate or test call starts on again
+    assert cache.on and not cache.maps

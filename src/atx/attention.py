@@ -179,15 +179,13 @@ def at_loss(
     return 0.5 * diff.norm(p=2, dim=1).mean()
 
 
-def attention_agreement(
-    student_features: Tensor, teacher_features: Tensor, p: float = 2.0, mode: MapMode = "sum"
-) -> tuple[Tensor, Tensor]:
-    """How close the student's attention is to the teacher's, per sample: the cosine
-    similarity ``q_s . q_t`` of the normalised maps (1 = the same attention) and the ``code``
-    AT distance ``mean_i (q_s[i] - q_t[i])^2``. Maps of different sizes are compared after
-    resizing the student's map to the teacher's. Returns two (B,) tensors."""
-    s = spatial_map(student_features, p, mode)
-    t = spatial_map(teacher_features, p, mode)
+def map_agreement(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
+    """How close the student's attention is to the teacher's, per sample, from their maps
+    ``F(A)`` (:func:`spatial_map`, (B, h, w) and (B, H, W)): the cosine similarity
+    ``q_s . q_t`` of the normalised maps (1 = the same attention) and the ``code`` AT distance
+    ``mean_i (q_s[i] - q_t[i])^2``. Maps of different sizes are compared after resizing the
+    student's map to the teacher's. Returns two (B,) tensors."""
+    s, t = student_map, teacher_map
     if s.shape[-2:] != t.shape[-2:]:
         s = F.interpolate(s.unsqueeze(1), size=t.shape[-2:], mode="bilinear", align_corners=False)
         s = s.squeeze(1)

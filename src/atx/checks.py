@@ -87,10 +87,14 @@ def check_optim(o: DictConfig, max_epochs: Any = None) -> None:
 
 
 def check_run_options(cfg: DictConfig) -> None:
-    """Top-level options: figures and the policy for non-finite losses (``atx.numerics``)."""
+    """Top-level options: figures, the policy for non-finite losses (``atx.numerics``), the
+    teacher's evaluation cache."""
     for key in ("figure_images", "figure_every_n_epochs"):
         if cfg[key] < 0:
             raise AtxError(f"{key}={cfg[key]} must be >= 0 (0 turns it off)")
+    if cfg.speed.teacher_eval_cache_mib < 0:
+        raise AtxError(f"speed.teacher_eval_cache_mib={cfg.speed.teacher_eval_cache_mib} must be"
+                       " >= 0 (0 turns the cache off)")
     for key in ("nan_skip_limit", "jobs_per_gpu"):
         if cfg[key] < 1:
             raise AtxError(f"{key}={cfg[key]} must be >= 1")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from atx.attention import MapMode, attention_agreement
+from atx.attention import MapMode, map_agreement, spatial_map
 from atx.features import LayerTaps, check_layer_names
 from atx.gradient_attention import input_gradient
 from atx.losses import Objective, StepOutputs
@@ -40,6 +40,51 @@ class Agreement:
     pairs: Sequence[tuple[str, str]] = ()
     p: float = 2.0
     mode: MapMode | str = "sum"
+
+
+class TeacherEvalMaps:
+    """The frozen teacher's attention maps of each evaluation batch, kept from the batch's
+    first pass (one ``trainer.fit``, ``validate`` or ``test`` call): evaluation batches come
+    in the same order every epoch, so later evaluations run the student alone. A batch is
+    known by its place and checked by its labels and the sum of its pixels; one that differs,
+    or a cache that would pass ``limit_mib``, turns the cache off (the teacher runs again)."""
+
+    def __init__(self, limit_mib: int) -> None:
+        self.limit_mib = limit_mib
+        self.maps: dict[tuple, tuple[Tensor, Tensor, list[Tensor]]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, and on again."""
+        self.maps.clear()
+        self.size, self.on = 0, self.limit_mib > 0
+
+    def _off(self) -> None:
+        self.maps.clear()
+        self.size, self.on = 0, False
+
+    def get(self, key: tuple, x: Tensor, y: Tensor) -> list[Tensor] | None:
+        if key not in self.maps:
+            return None
+        labels, pixels, maps = self.maps[key]
+        if labels.shape == y.shape and torch.equal(labels, y) and torch.equal(pixels, _pixels(x)):
+            return maps
+        self._off()  # not the batch it was: this loader's order is not fixed
+        return None
+
+    def put(self, key: tuple, x: Tensor, y: Tensor, maps: list[Tensor]) -> None:
+        if not self.on:
+            return
+        size = sum(m.numel() * m.element_size() for m in (y, *maps))
+        if self.size + size > self.limit_mib * 2**20:
+            self._off()
+            return
+        self.maps[key] = (y.clone(), _pixels(x), maps)
+        self.size += size
+
+
+def _pixels(x: Tensor) -> Tensor:
+    return x.sum(dtype=torch.float64)
 
 
 @contextmanager
@@ -147,6 +192,10 @@ class DistillModule(L.LightningModule):
         prepare_models(student, self.teacher, self.speed, objective.needs_input_grad)
         # the test split (logged as val/ or test/) and the held-out training images (heldout/)
         self.eval_metrics = nn.ModuleDict({k: eval_metrics(num_classes) for k in ("test", HELDOUT)})
+        self.teacher_eval_maps = TeacherEvalMaps(self.speed.teacher_eval_cache_mib)
+
+    def setup(self, stage: str) -> None:
+        self.teacher_eval_maps.reset()  # kept for one fit, validate or test call
 
     # -- the frozen teacher -------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillModule:
@@ -229,7 +278,7 @@ class DistillModule(L.LightningModule):
         weights = self.objective.weights(self.current_epoch)
         self.log_dict({f"weight/{k}": float(v) for k, v in weights.items()})
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int) -> None:
         x, y = batch
         x = to_layout(x, self.speed.channels_last)
         logits = self.student(x)
@@ -241,14 +290,24 @@ class DistillModule(L.LightningModule):
             if key in metrics:
                 metrics[key].update(logits, y)
         if self.agreement_pairs and stage != HELDOUT:  # agreement: on the test split only
-            with torch.no_grad():
-                self.teacher(x)
-            teacher_feats = self.teacher_taps.outputs()
-            for i, (s, t) in enumerate(self.agreement_pairs):
-                cosine, distance = attention_agreement(student_feats[s], teacher_feats[t],
-                                                       *self.agreement_map)
+            p, mode = self.agreement_map
+            teacher_maps = self._teacher_eval_maps(x, y, (stage, batch_idx))
+            for i, ((s, _), t_map) in enumerate(zip(self.agreement_pairs, teacher_maps,
+                                                    strict=True)):
+                cosine, distance = map_agreement(spatial_map(student_feats[s], p, mode), t_map)
                 self.agreement[f"cosine_{i}"].update(cosine)
                 self.agreement[f"distance_{i}"].update(distance)
+
+    def _teacher_eval_maps(self, x: Tensor, y: Tensor, key: tuple) -> list[Tensor]:
+        """The teacher's map F(A) of each agreement pair for this evaluation batch."""
+        maps = self.teacher_eval_maps.get(key, x, y)
+        if maps is None:
+            with torch.no_grad():
+                self.teacher(x)
+            feats = self.teacher_taps.outputs()
+            maps = [spatial_map(feats[t], *self.agreement_map) for _, t in self.agreement_pairs]
+            self.teacher_eval_maps.put(key, x, y, maps)
+        return maps
 
     def _eval_epoch_end(self, stage: str) -> None:
         metrics = self.eval_metrics[HELDOUT if stage == HELDOUT else "test"]
@@ -279,7 +338,7 @@ class DistillModule(L.LightningModule):
     ) -> None:
         """Loader 0 is the test split (``val/``); loader 1, when ``data.val_split`` > 0, the
         held-out training images (``heldout/``)."""
-        self._eval_step(batch, HELDOUT if dataloader_idx == 1 else "val")
+        self._eval_step(batch, HELDOUT if dataloader_idx == 1 else "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         # logged here, outside the steps, so the names carry no /dataloader_idx_N suffix
@@ -289,7 +348,7 @@ class DistillModule(L.LightningModule):
             self._eval_epoch_end(HELDOUT)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

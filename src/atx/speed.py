@@ -13,6 +13,10 @@ None of them changes what is trained beyond float rounding (tests/test_speed.py 
   bf16/fp16 and ``torch.inference_mode``. Its outputs are only targets: the attention maps and
   transfer losses are computed from them in float32 (``atx.attention.spatial_map``). The grad-AT
   teacher path needs J_t = dL/dx, so it keeps full precision and autograd.
+* ``teacher_eval_cache_mib``: the frozen teacher's attention maps of the evaluation batches
+  (the agreement metrics) are computed at the first evaluation and kept, up to this many MiB
+  on the batches' device, so every later evaluation runs only the student
+  (``atx.module.TeacherEvalMaps``); the values are the same bit for bit. 0 turns it off.
 * ``allocator``: glibc keeps freed memory instead of returning it to the OS, so the teacher's
   activations, freed after every forward, are not page-faulted back in on the next step.
 """
@@ -66,6 +70,7 @@ class SpeedConf:
     teacher_precision: TeacherPrecision = TeacherPrecision.same  # autocast dtype of the teacher
     teacher_inference_mode: bool = False  # teacher under torch.inference_mode, not no_grad
     allocator: bool = True  # CPU: glibc mallopt so freed activations are reused, not re-faulted
+    teacher_eval_cache_mib: int = 1024  # the teacher's eval-batch maps kept up to this; 0: off
 
 # glibc malloc.h: mallopt parameters and the values the issue measured (MALLOC_*_ env vars)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
