@@ -30,10 +30,10 @@ fashion-mnist:
 demo: install fashion-mnist  ## teacher, then plain / AT / AT+KD students over 3 seeds on Fashion-MNIST; table + figures
 	$(PY) scripts/demo.py
 
-# one pytest-xdist worker per core (tests/conftest.py gives each worker one compute thread);
+# one pytest-xdist worker per core, 8 at most (tests/conftest.py gives each one compute thread);
 # the slowest tests start and end processes, which a second worker overlaps with compute
 test: install fashion-mnist  ## the whole test suite (CPU, offline)
-	$(PY) -m pytest -n auto --dist worksteal
+	$(PY) -m pytest -n auto --maxprocesses 8 --dist worksteal
 
 # the edit loop: the paper's math, configs and presets, errors, the builder and its layers
 FAST := tests/test_attention.py tests/test_losses.py tests/test_gradient_attention.py \

@@ -168,10 +168,12 @@ def test_attention_agreement_is_one_for_the_teacher_itself_and_rises_with_at(tmp
 
 
 class EvalRecord(L.Callback):
-    """Every evaluation's agreement metrics, and the teacher forwards run while evaluating."""
+    """Every evaluation's agreement metrics (the sanity check's too), the teacher forwards run
+    while evaluating, and how many batches the cache holds after each evaluation."""
 
     def __init__(self, module: DistillModule) -> None:
         self.metrics: list[dict[str, float]] = []
+        self.cached: list[int] = []
         self.teacher_evals = 0
         module.teacher.register_forward_hook(self._count)
         self.module = module
@@ -179,9 +181,12 @@ class EvalRecord(L.Callback):
     def _count(self, *_) -> None:
         self.teacher_evals += not self.module.trainer.training
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()
-                             if "agreement" in k or "at_distance" in k})
+    def on_validation_end(self, trainer, pl_module) -> None:  # after the epoch's metrics
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if "agreement" in k or "at_distance" in k}
+        assert len(metrics) == 2 * len(PAIRS), metrics
+        self.metrics.append(metrics)
+        self.cached.append(len(pl_module.teacher_eval_maps.maps))
 
 
 def _fit_recording(tmp_path, cache_mib: int, shuffle_val: bool = False):
@@ -195,37 +200,48 @@ def _fit_recording(tmp_path, cache_mib: int, shuffle_val: bool = False):
     trainer = quiet_trainer(tmp_path / str(cache_mib), max_epochs=3, limit_train_batches=2,
                             enable_checkpointing=False, callbacks=[record])
     trainer.fit(module, loader(), val)
-    return module, record
+    return module, record, trainer
 
 
 def test_the_teachers_eval_maps_are_computed_once_and_agree_bit_for_bit(tmp_path):
     """The frozen teacher runs on each evaluation batch once per fit (the sanity check's two,
-    then the other two); the student still trains, and every epoch's agreement metrics equal,
-    bit for bit, those of a run recomputing the teacher (speed.teacher_eval_cache_mib=0)."""
-    cached, with_cache = _fit_recording(tmp_path, 1024)
-    _, without = _fit_recording(tmp_path, 0)
+    then the other two); the student still trains, and every evaluation's agreement metrics
+    equal, bit for bit, those of a run recomputing the teacher (speed.teacher_eval_cache_mib=0).
+    A validate call after the fit runs the teacher again and keeps nothing."""
+    cached, with_cache, trainer = _fit_recording(tmp_path, 1024)
+    _, without, _ = _fit_recording(tmp_path, 0)
     assert without.teacher_evals == 2 + 3 * 4  # sanity check + 3 epochs of 4 batches
-    assert with_cache.teacher_evals == 4 and len(cached.teacher_eval_maps.maps) == 4
+    assert with_cache.teacher_evals == 4 and with_cache.cached == [2, 4, 4, 4]
+    assert without.cached == [0, 0, 0, 0]
     assert len(with_cache.metrics) == 4 and with_cache.metrics == without.metrics
     assert with_cache.metrics[1] != with_cache.metrics[-1]  # the student moved
+    assert not cached.teacher_eval_maps.maps  # released at the end of the fit
+    trainer.validate(cached, loader(32), verbose=False)
+    assert with_cache.teacher_evals == 4 + 4 and with_cache.cached[-1] == 0
+    assert with_cache.metrics[-1] == with_cache.metrics[-2]  # the same student, recomputed
 
 
 @pytest.mark.filterwarnings("ignore:.*shuffling enabled.*")
 def test_a_shuffled_eval_loader_turns_the_teacher_cache_off(tmp_path):
     """Batches that are not the ones cached (a shuffled loader) are caught by their labels and
     pixels: the cache turns itself off and the metrics are those of the recomputing run."""
-    cached, with_cache = _fit_recording(tmp_path, 1024, shuffle_val=True)
-    _, without = _fit_recording(tmp_path, 0, shuffle_val=True)
-    assert not cached.teacher_eval_maps.on and not cached.teacher_eval_maps.maps
+    _, with_cache, _ = _fit_recording(tmp_path, 1024, shuffle_val=True)
+    _, without, _ = _fit_recording(tmp_path, 0, shuffle_val=True)
+    assert with_cache.cached[0] == 2 and with_cache.cached[-1] == 0
     assert with_cache.teacher_evals > 4 and with_cache.metrics == without.metrics
 
 
-def test_the_teacher_cache_stays_within_its_limit():
+def test_the_teacher_cache_checks_each_image_and_stays_within_its_limit():
     cache = TeacherEvalMaps(1)
-    x, y = torch.zeros(2, 3, 4, 4), torch.tensor([1, 2])
+    x, y = torch.zeros(2, 3, 4, 4), torch.tensor([1, 1])
+    x[0] = 1.0
     cache.put(("val", 0), x, y, [torch.zeros(2, 256, 256)])  # 512 KiB: kept
     assert cache.get(("val", 0), x, y) is not None
+    assert cache.get(("val", 0), x.flip(0), y) is None  # the same labels and total, reordered
+    assert not cache.on
+    cache.reset()
+    cache.put(("val", 0), x, y, [torch.zeros(2, 256, 256)])
     cache.put(("val", 1), x, y, [torch.zeros(2, 256, 256)])  # past 1 MiB: the cache is off
     assert not cache.on and cache.get(("val", 0), x, y) is None
-    cache.reset()  # the next fit, validate or test call starts on again
+    cache.reset()  # the next fit starts on again
     assert cache.on and not cache.maps

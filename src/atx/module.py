@@ -43,11 +43,11 @@ class Agreement:
 
 
 class TeacherEvalMaps:
-    """The frozen teacher's attention maps of each evaluation batch, kept from the batch's
-    first pass (one ``trainer.fit``, ``validate`` or ``test`` call): evaluation batches come
-    in the same order every epoch, so later evaluations run the student alone. A batch is
-    known by its place and checked by its labels and the sum of its pixels; one that differs,
-    or a cache that would pass ``limit_mib``, turns the cache off (the teacher runs again)."""
+    """The frozen teacher's attention maps of each evaluation batch of a fit, kept from the
+    batch's first pass (the sanity check or the first evaluation): evaluation batches come in
+    the same order every epoch, so later evaluations run the student alone. A batch is known by
+    its place and checked by its labels and each image's pixel sum; one that differs, or a
+    cache that would pass ``limit_mib``, turns the cache off (the teacher runs again)."""
 
     def __init__(self, limit_mib: int) -> None:
         self.limit_mib = limit_mib
@@ -84,7 +84,7 @@ class TeacherEvalMaps:
 
 
 def _pixels(x: Tensor) -> Tensor:
-    return x.sum(dtype=torch.float64)
+    return x.flatten(1).sum(1, dtype=torch.float64)  # one sum per image
 
 
 @contextmanager
@@ -195,7 +195,10 @@ class DistillModule(L.LightningModule):
         self.teacher_eval_maps = TeacherEvalMaps(self.speed.teacher_eval_cache_mib)
 
     def setup(self, stage: str) -> None:
-        self.teacher_eval_maps.reset()  # kept for one fit, validate or test call
+        self.teacher_eval_maps.reset()  # kept for one fit
+
+    def teardown(self, stage: str) -> None:
+        self.teacher_eval_maps.reset()  # no maps held on the device after the fit
 
     # -- the frozen teacher -------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillModule:
@@ -306,7 +309,8 @@ class DistillModule(L.LightningModule):
                 self.teacher(x)
             feats = self.teacher_taps.outputs()
             maps = [spatial_map(feats[t], *self.agreement_map) for _, t in self.agreement_pairs]
-            self.teacher_eval_maps.put(key, x, y, maps)
+            if self.trainer.state.fn == "fit":  # a validate or test call passes once
+                self.teacher_eval_maps.put(key, x, y, maps)
         return maps
 
     def _eval_epoch_end(self, stage: str) -> None:

@@ -51,7 +51,7 @@ MAY_CHANGE = (
     "resume", "debug", "trainer.max_epochs", "trainer.enable_progress_bar",
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger", "checkpoint",
     "data.root", "data.num_workers", "data.pin_memory", "teacher.checkpoint",
-    "figure_images", "figure_every_n_epochs", "speed.allocator",
+    "figure_images", "figure_every_n_epochs", "speed.allocator", "speed.teacher_eval_cache_mib",
 )
 _held_locks: list[Any] = []  # open lock files, kept for the life of the process
 

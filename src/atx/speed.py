@@ -1,6 +1,6 @@
 """Speed switches of a run (config ``speed``, :class:`SpeedConf`) and the CPU allocator.
 
-None of them changes what is trained beyond float rounding (tests/test_speed.py checks each):
+None of them changes what is trained beyond float rounding (tests/test_speed.py checks them):
 
 * ``channels_last``: student, teacher and every batch in NHWC layout (faster convolutions on
   CPUs with oneDNN and on tensor-core GPUs).
@@ -13,10 +13,11 @@ None of them changes what is trained beyond float rounding (tests/test_speed.py 
   bf16/fp16 and ``torch.inference_mode``. Its outputs are only targets: the attention maps and
   transfer losses are computed from them in float32 (``atx.attention.spatial_map``). The grad-AT
   teacher path needs J_t = dL/dx, so it keeps full precision and autograd.
-* ``teacher_eval_cache_mib``: the frozen teacher's attention maps of the evaluation batches
-  (the agreement metrics) are computed at the first evaluation and kept, up to this many MiB
-  on the batches' device, so every later evaluation runs only the student
-  (``atx.module.TeacherEvalMaps``); the values are the same bit for bit. 0 turns it off.
+* ``teacher_eval_cache_mib``: during a fit, the frozen teacher's attention maps of each
+  evaluation batch (for the agreement metrics) are kept from the batch's first pass, up to this
+  many MiB on the batches' device, so later evaluations run only the student
+  (``atx.module.TeacherEvalMaps``, tested in tests/test_module.py); the values are the same bit
+  for bit. 0 turns it off.
 * ``allocator``: glibc keeps freed memory instead of returning it to the OS, so the teacher's
   activations, freed after every forward, are not page-faulted back in on the next step.
 """
