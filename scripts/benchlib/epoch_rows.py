@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atx.data import cifar
 from benchlib import authors
 from benchlib.report import md_table
 from benchlib.rows import BY_NAME
 
 PARTS = ("data", "step", "eval", "logging", "checkpoint", "other")
-CIFAR_MEAN = torch.tensor([125.3, 123.0, 113.9]) / 255  # the authors' cifar.py constants
-CIFAR_STD = torch.tensor([63.0, 62.1, 66.7]) / 255
+CIFAR_MEAN, CIFAR_STD = torch.tensor(cifar.CIFAR_MEAN), torch.tensor(cifar.CIFAR_STD)
 
 
 def now() -> float:
@@ -74,13 +74,18 @@ class PartClock:
 
 
 # -- the authors' loop -------------------------------------------------------------------------
+def normalise(x: Tensor) -> Tensor:
+    """A uint8 batch as float, normalised with the authors' CIFAR mean and std."""
+    mean, std = CIFAR_MEAN.to(x.device)[:, None, None], CIFAR_STD.to(x.device)[:, None, None]
+    return (x.float() / 255 - mean) / std
+
+
 def augment(x: Tensor, g: torch.Generator) -> Tensor:
     """A uint8 batch normalised, reflect-padded by 4 (torch's reflect, atx's too), cropped back
     to 32x32 at a random offset per image and flipped with p = 0.5 per image: their pad, crop
     and flip, done on the whole batch."""
     n = x.shape[0]
-    mean, std = CIFAR_MEAN.to(x.device)[:, None, None], CIFAR_STD.to(x.device)[:, None, None]
-    x = F.pad((x.float() / 255 - mean) / std, (4, 4, 4, 4), mode="reflect")
+    x = F.pad(normalise(x), (4, 4, 4, 4), mode="reflect")
     dy, dx = (torch.randint(0, 9, (n,), generator=g).to(x.device) for _ in range(2))
     rows = (dy[:, None] + torch.arange(32, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(32, device=x.device))[:, None, None, :]
@@ -122,12 +127,10 @@ class AuthorsLoop:
             meter.append(sum(r.meters))  # their meters: every group loss .item()'d each step
             clock.charge("step")
         correct = 0
-        mean = CIFAR_MEAN.to(self.device)[:, None, None]
-        std = CIFAR_STD.to(self.device)[:, None, None]
         x_test, y_test = self.data["x_test"], self.data["y_test"]
         with torch.no_grad():
             for i in range(0, len(x_test), bs):
-                x, y = (x_test[i:i + bs].float() / 255 - mean) / std, y_test[i:i + bs]
+                x, y = normalise(x_test[i:i + bs]), y_test[i:i + bs]
                 y_s, g_s = authors.wrn(r.ps, x, False)
                 y_t, g_t = authors.wrn(r.pt, x, False)
                 losses = [authors.at_loss(a, b).item() for a, b in zip(g_s, g_t, strict=True)]
@@ -240,17 +243,9 @@ def atx_epochs(root: Path, teacher: Path, extra: list[str], args: argparse.Names
     import torch._dynamo
 
     from atx.train import compose_config, train
+    from benchlib.epochs import fit_overrides
 
-    accel = "gpu" if args.device == "cuda" else "cpu"
-    overrides = [
-        "data=cifar10", f"data.root={root}", f"data.batch_size={args.batch_size}",
-        "model=wrn_16_1", "teacher=wrn_16_2", f"teacher.checkpoint={teacher}", "distill=at_kd",
-        f"trainer.accelerator={accel}", f"trainer.max_epochs={args.epochs}",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
-        "figure_images=0",  # the end-of-run figure is not part of an epoch
-        *extra,
-    ]
-    cfg = compose_config(overrides)
+    cfg = compose_config([*fit_overrides(args, root, teacher), *extra])
     try:
         with with_epoch_parts(loop) as (parts, beside):
             train(cfg, run_dir)

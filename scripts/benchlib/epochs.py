@@ -77,16 +77,23 @@ class TimedPerImageCIFAR10(_EpochClock, CIFAR10DataModule):
         return super()._transfer(batch, dataloader_idx)
 
 
-def epoch_overrides(args: argparse.Namespace, root: Path, teacher: Path) -> list[str]:
+def fit_overrides(args: argparse.Namespace, root: Path, teacher: Path) -> list[str]:
+    """A quiet ``atx-train`` fit of WRN-16-1 <- WRN-16-2 AT+KD on CIFAR-10 at ``root``, for
+    ``args.epochs`` epochs of ``args.batch_size`` on ``args.device`` (the end-of-run figure,
+    not part of an epoch, left out): what every epoch benchmark trains."""
     accel = "gpu" if args.device == "cuda" else "cpu"
-    out = [
+    return [
         "data=cifar10", f"data.root={root}", f"data.batch_size={args.batch_size}",
         "model=wrn_16_1", "teacher=wrn_16_2", f"teacher.checkpoint={teacher}", "distill=at_kd",
         f"trainer.accelerator={accel}", f"trainer.max_epochs={args.epochs}",
-        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "logger=csv", "figure_images=0",
-        f"data.val_subset={args.val_subset}",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
+        "figure_images=0",
     ]
+
+
+def epoch_overrides(args: argparse.Namespace, root: Path, teacher: Path) -> list[str]:
+    out = [*fit_overrides(args, root, teacher), "trainer.num_sanity_val_steps=0",
+           f"data.val_subset={args.val_subset}"]
     if args.train_subset:
         out.append(f"data.train_subset={args.train_subset}")
     return out + list(args.override)
@@ -107,8 +114,8 @@ def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
     # the training stack loads only in epoch mode
     import torch._dynamo
 
-    from atx.build import build_network
     from atx.train import compose_config, train
+    from benchlib.steps import write_random_teacher
 
     teacher = work / "teacher.pt"  # random weights of the configured teacher, written below
     rows = []
@@ -117,8 +124,7 @@ def bench_epoch(root: Path, args: argparse.Namespace, work: Path) -> list[dict]:
         overrides.append(f"data._target_={__name__}.{cls}")
         cfg = compose_config(overrides)
         if not teacher.exists():
-            torch.manual_seed(0)
-            torch.save(build_network(cfg.teacher, "teacher", 10, 3).state_dict(), teacher)
+            write_random_teacher(teacher, cfg.teacher)
         run_dir = work / label.replace(" ", "_")
         run_dir.mkdir()
         clock = "atx" if cls == "TimedCIFAR10" else "per-image"

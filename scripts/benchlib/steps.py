@@ -74,11 +74,12 @@ def compose_distill(preset: str, student: str = "", teacher: str = "wrn_16_2") -
     return copy.deepcopy(_composed(preset, student, teacher))
 
 
-def write_random_teacher(path: Path) -> Path:
-    """The WRN-16-2 teacher preset with random weights from seed 0 (weights change no timing)."""
+def write_random_teacher(path: Path, teacher: DictConfig | None = None) -> Path:
+    """A teacher (its config; default the WRN-16-2 preset) with random weights from seed 0
+    (weights change no timing)."""
     torch.manual_seed(0)
-    net = build.build_network(compose_distill("none").teacher, "teacher", SHAPE.num_classes,
-                              SHAPE.in_channels)
+    net = build.build_network(teacher or compose_distill("none").teacher, "teacher",
+                              SHAPE.num_classes, SHAPE.in_channels)
     torch.save(net.state_dict(), path)
     return path
 

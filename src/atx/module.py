@@ -54,14 +54,10 @@ class TeacherEvalMaps:
         self.maps: dict[tuple, tuple[Tensor, Tensor, list[Tensor]]] = {}
         self.reset()
 
-    def reset(self) -> None:
-        """Empty, and on again."""
+    def reset(self, on: bool = True) -> None:
+        """Empty; kept from now on if ``on`` (and the limit is above 0)."""
         self.maps.clear()
-        self.size, self.on = 0, self.limit_mib > 0
-
-    def _off(self) -> None:
-        self.maps.clear()
-        self.size, self.on = 0, False
+        self.size, self.on = 0, on and self.limit_mib > 0
 
     def get(self, key: tuple, x: Tensor, y: Tensor) -> list[Tensor] | None:
         if key not in self.maps:
@@ -69,7 +65,7 @@ class TeacherEvalMaps:
         labels, pixels, maps = self.maps[key]
         if labels.shape == y.shape and torch.equal(labels, y) and torch.equal(pixels, _pixels(x)):
             return maps
-        self._off()  # not the batch it was: this loader's order is not fixed
+        self.reset(on=False)  # not the batch it was: this loader's order is not fixed
         return None
 
     def put(self, key: tuple, x: Tensor, y: Tensor, maps: list[Tensor]) -> None:
@@ -77,7 +73,7 @@ class TeacherEvalMaps:
             return
         size = sum(m.numel() * m.element_size() for m in (y, *maps))
         if self.size + size > self.limit_mib * 2**20:
-            self._off()
+            self.reset(on=False)
             return
         self.maps[key] = (y.clone(), _pixels(x), maps)
         self.size += size
@@ -195,7 +191,8 @@ class DistillModule(L.LightningModule):
         self.teacher_eval_maps = TeacherEvalMaps(self.speed.teacher_eval_cache_mib)
 
     def setup(self, stage: str) -> None:
-        self.teacher_eval_maps.reset()  # kept for one fit
+        # kept for one fit; a validate or test call passes once
+        self.teacher_eval_maps.reset(on=stage == "fit")
 
     def teardown(self, stage: str) -> None:
         self.teacher_eval_maps.reset()  # no maps held on the device after the fit
@@ -309,8 +306,7 @@ class DistillModule(L.LightningModule):
                 self.teacher(x)
             feats = self.teacher_taps.outputs()
             maps = [spatial_map(feats[t], *self.agreement_map) for _, t in self.agreement_pairs]
-            if self.trainer.state.fn == "fit":  # a validate or test call passes once
-                self.teacher_eval_maps.put(key, x, y, maps)
+            self.teacher_eval_maps.put(key, x, y, maps)
         return maps
 
     def _eval_epoch_end(self, stage: str) -> None:
