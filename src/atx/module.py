@@ -20,6 +20,7 @@ from atx.losses import Objective, StepOutputs
 from atx.numerics import NanGuard
 from atx.optim import OptimConf, configure_optimizers
 from atx.speed import SpeedConf, prepare_models, teacher_forward, to_layout
+from atx.train_log import EpochSums, loggers_write_this_step
 
 HELDOUT = "heldout"  # metric prefix of the held-out training images (data.val_split)
 
@@ -189,10 +190,12 @@ class DistillModule(L.LightningModule):
         # the test split (logged as val/ or test/) and the held-out training images (heldout/)
         self.eval_metrics = nn.ModuleDict({k: eval_metrics(num_classes) for k in ("test", HELDOUT)})
         self.teacher_eval_maps = TeacherEvalMaps(self.speed.teacher_eval_cache_mib)
+        self.train_sums = EpochSums()  # train/* step values and epoch means
 
     def setup(self, stage: str) -> None:
         # kept for one fit; a validate or test call passes once
         self.teacher_eval_maps.reset(on=stage == "fit")
+        self.train_sums.reset()
 
     def teardown(self, stage: str) -> None:
         self.teacher_eval_maps.reset()  # no maps held on the device after the fit
@@ -224,13 +227,16 @@ class DistillModule(L.LightningModule):
         loss, parts = self.objective(out, epoch=self.current_epoch)
         if self.nan_guard(loss, parts, self.global_step, self.current_epoch, batch_idx):
             return None  # skipped: no backward, no optimiser step (nan_policy=skip)
-        logits = out.logits
-
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True)
-        error = (logits.argmax(dim=1) != y).float().mean() * 100
-        self.log("train/error", error, on_step=False, on_epoch=True)
+        error = (out.logits.argmax(dim=1) != y).float().mean() * 100
+        self.train_sums.add({"loss": loss, **parts, "error": error}, len(y))  # atx.train_log
+        if self._trainer is not None and self._trainer.progress_bar_callback is not None:
+            self.log("train/loss", loss, prog_bar=True, logger=False)  # the bar: every step
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last, self.train_sums.last = self.train_sums.last, {}  # none if this step was skipped
+        if last and loggers_write_this_step(self.trainer):
+            self.log_dict({f"train/{k}_step": v for k, v in last.items() if k != "error"})
 
     def _student_outputs(self, x: Tensor, y: Tensor) -> StepOutputs:
         """Student logits and tapped features; its input gradients when a term needs them
@@ -271,6 +277,10 @@ class DistillModule(L.LightningModule):
         out.teacher_features = {k: v.detach() for k, v in feats.items()}
 
     def on_train_epoch_end(self) -> None:
+        means = self.train_sums.means()  # the error is logged once an epoch only
+        self.log_dict({"train/error" if k == "error" else f"train/{k}_epoch": v
+                       for k, v in means.items()})
+        self.train_sums.reset()
         if self.nan_guard.policy == "skip":
             self.log("train/skipped_steps", float(self.nan_guard.skipped))
 

@@ -9,8 +9,8 @@ follow. What it does not restore, :class:`ResumeState` adds to every checkpoint 
   resumed mid-epoch serves the same permutation from the next untrained batch
   (:class:`atx.data.sampler.ResumableRandomSampler`; Lightning alone would restart the epoch's
   data order and only warn);
-- the running sums of that epoch's ``train/*`` metrics, so its ``*_epoch`` values cover the
-  whole epoch, not only the steps after the resume;
+- the running sums of that epoch's ``train/*`` values (``atx.train_log``), so its ``*_epoch``
+  values cover the whole epoch, not only the steps after the resume;
 - the teacher's checkpoint path and SHA-256 (the teacher's weights are not in the checkpoint).
 
 Files are written to a temporary name, flushed and renamed over the old one
@@ -37,7 +37,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
 from atx.checkpoints import resolve_weights_path
 from atx.data.sampler import ResumableRandomSampler
@@ -129,46 +128,6 @@ def _train_sampler(trainer: L.Trainer) -> ResumableRandomSampler | None:
     return sampler if isinstance(sampler, ResumableRandomSampler) else None
 
 
-def _step_metrics(trainer: L.Trainer) -> dict[str, Any]:
-    """The epoch-reduced metrics ``training_step`` logged (Lightning's running sums; private
-    API: Lightning keeps them out of checkpoints, so a resumed epoch would average only the
-    steps after the resume)."""
-    results = trainer.fit_loop.epoch_loop._results
-    return {key: m for key, m in results.items() if m.is_tensor and m.meta.on_epoch
-            and m.meta.fx == "training_step" and not m.has_reset}
-
-
-def epoch_sums(trainer: L.Trainer) -> dict[str, dict[str, Tensor]]:
-    """The interrupted epoch's running sums, to be saved in a checkpoint."""
-    sums = {}
-    for key, m in _step_metrics(trainer).items():
-        sums[key] = {"value": m.value.detach().cpu().clone()}
-        if m.meta.is_mean_reduction:
-            sums[key]["count"] = m.cumulated_batch_size.detach().cpu().clone()
-    return sums
-
-
-def add_epoch_sums(trainer: L.Trainer, sums: dict[str, dict[str, Tensor]]) -> None:
-    """Add the saved sums of the steps before a resume to the metrics logged since; each key
-    once (it is removed from ``sums``)."""
-    for key, m in _step_metrics(trainer).items():
-        saved = sums.pop(key, None)
-        if saved is None:
-            continue
-        value = saved["value"].to(m.value.device, m.value.dtype)
-        if m.meta.is_mean_reduction:
-            m.value = m.value + value
-            m.cumulated_batch_size = m.cumulated_batch_size + saved["count"].to(
-                m.cumulated_batch_size.device)
-        elif m.meta.is_sum_reduction:
-            m.value = m.value + value
-        elif m.meta.is_max_reduction:
-            m.value = torch.maximum(m.value, value)
-        elif m.meta.is_min_reduction:
-            m.value = torch.minimum(m.value, value)
-        m._computed = None  # torchmetrics' cached result of compute()
-
-
 class ResumeState(L.Callback):
     """Puts RNG, sampler and teacher state into every checkpoint and restores it on resume;
     on SIGTERM saves ``checkpoints/interrupted.ckpt`` before the run stops."""
@@ -176,7 +135,6 @@ class ResumeState(L.Callback):
     def __init__(self, run_dir: Path, teacher: dict[str, str] | None) -> None:
         self.run_dir, self.teacher = Path(run_dir), teacher
         self._mid_epoch: dict[str, Any] | None = None
-        self._epoch_sums: dict[str, dict[str, Tensor]] = {}  # restored, not yet added back
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]
@@ -187,7 +145,7 @@ class ResumeState(L.Callback):
             "teacher": self.teacher,
             "sampler_seed": sampler.epoch_seed if sampler is not None else None,
             "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-            "epoch_sums": epoch_sums(trainer),
+            "epoch_sums": module.train_sums.state_dict(),  # type: ignore[attr-defined]
         }
 
     def on_load_checkpoint(
@@ -213,14 +171,9 @@ class ResumeState(L.Callback):
         # making the iterator drew from the RNG; the first batch must see the saved state
         set_rng_state(state["rng"])
         warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
-        self._epoch_sums = dict(state.get("epoch_sums") or {})
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self._epoch_sums:  # the first batch after a mid-epoch resume has logged its metrics
-            add_epoch_sums(trainer, self._epoch_sums)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._epoch_sums = {}  # a metric not logged again this epoch: its sums are dropped
+        if state.get("epoch_sums"):  # the epoch's train/* means cover the steps before too
+            module.train_sums.load_state_dict(  # type: ignore[attr-defined]
+                state["epoch_sums"], module.device)
 
     def on_exception(
         self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException

@@ -29,10 +29,19 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o1 = torch.relu(self.bn0(x))
+        o1 = relu_of(self.bn0, x)
         y = self.conv0(o1)
-        z = self.conv1(self.dropout(torch.relu(self.bn1(y))))
+        z = self.conv1(self.dropout(relu_of(self.bn1, y)))
         return z + (self.convdim(o1) if self.convdim is not None else x)
+
+
+def relu_of(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """relu(bn(x)), the ReLU in place on the BN output (no new activation tensor: the CPU step
+    is bound by memory traffic) unless a hook, such as a layer tap, reads that output. The
+    values and gradients are the same either way: BN's backward needs its input, not its
+    output."""
+    out = bn(x)
+    return torch.relu(out) if bn._forward_hooks else torch.relu_(out)
 
 
 class WideResNet(nn.Module):
