@@ -14,7 +14,7 @@ PARTS = {
     "method": {"attention", "gradient_attention", "losses", "terms"},
     "models": {"models", "features"},
     "data": {"data"},
-    "training": {"module", "optim", "speed", "numerics", "callbacks", "figures"},
+    "training": {"module", "optim", "speed", "numerics", "callbacks", "figures", "train_log"},
     "persistence": {"checkpoints", "resume", "run_dir"},
     "run": {"config", "checks", "build", "train", "loggers", "cluster", "search"},
     "tools": {"report", "visualize", "study", "paper", "sensitivity"},
