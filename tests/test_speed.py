@@ -179,7 +179,7 @@ def test_compile_gives_the_same_step_and_taps_still_work() -> None:
                         limit_val_batches=0)
     x, y = batch(8, 8)
     trainer.fit(fast, DataLoader(TensorDataset(x, y), batch_size=4))  # the real loop, compiled
-    assert trainer.global_step == 2 and "train/loss_epoch" in trainer.callback_metrics
+    assert trainer.global_step == 2 and "train/loss" in trainer.callback_metrics
 
 
 @pytest.mark.parametrize(("mode", "torch_mode"), [

@@ -19,14 +19,19 @@ from atx.train_log import EpochSums
 
 class LoggedByLightning(DistillModule):
     """Also logs every step's values the way atx did before ``EpochSums``: ``self.log`` per
-    name per step, Lightning's running means (under ``ref/``)."""
+    name per step, Lightning's running means (under ``ref/``), of the values as they were
+    handed to ``EpochSums.add``."""
 
     def training_step(self, batch, batch_idx):
+        given = {}
+        add = self.train_sums.add
+        self.train_sums.add = lambda values, n: (given.update(values), add(values, n))
         loss = super().training_step(batch, batch_idx)
-        last = self.train_sums.last
-        self.log_dict({f"ref/{k}": v for k, v in last.items() if k != "error"},
+        self.train_sums.add = add
+        self.log_dict({f"ref/{k}": v for k, v in given.items() if k != "error"},
                       on_step=True, on_epoch=True)
-        self.log("ref/error", last["error"], on_step=False, on_epoch=True)
+        self.log("ref/error", given["error"], on_step=False, on_epoch=True)
+        self.last_loss = loss.detach()
         return loss
 
 
@@ -50,6 +55,7 @@ def test_step_and_epoch_values_are_those_lightning_logs(tmp_path):
     for r in step_rows:
         for k in names:
             assert float(r[f"train/{k}_step"]) == float(r[f"ref/{k}_step"]), (k, r["step"])
+    assert trainer.callback_metrics["train/loss"] == module.last_loss  # every step, for callbacks
     epoch_rows = [r for r in rows if r.get("train/loss_epoch")]
     assert [int(r["epoch"]) for r in epoch_rows] == [0, 1]
     for r in epoch_rows:
@@ -82,23 +88,31 @@ def test_epoch_sums_weigh_by_batch_size_and_resume_from_either_format():
     assert resumed.means() == {}
 
 
-def grads(model, x):
+def grads(model, x, double_backward):
+    """Output and weight gradients; with ``double_backward``, of the input gradient's norm
+    (grad-AT's create_graph path) instead of the output's."""
     model.zero_grad()
+    x = x.clone().requires_grad_(double_backward)
     out = model(x)
-    out.square().sum().backward()
+    loss = out.square().sum()
+    if double_backward:
+        (loss,) = torch.autograd.grad(loss, x, create_graph=True)
+        loss = loss.square().sum()
+    loss.backward()
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def test_in_place_relu_gives_the_same_values_and_a_tapped_bn_output_its_own():
+@pytest.mark.parametrize("double_backward", [False, True])
+def test_in_place_relu_gives_the_same_values_and_a_tapped_bn_output_its_own(double_backward):
     torch.manual_seed(0)
     model = build_model("wrn", num_classes=10, depth=10, width=1)  # train mode: batch stats
     x = torch.randn(4, 3, 16, 16)
-    in_place = grads(model, x)
+    in_place = grads(model, x, double_backward)
     seen = {}
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     handles = [bn.register_forward_hook(lambda m, _i, out: seen.__setitem__(m, out))
                for bn in bns]  # a hook on every BN: every ReLU makes a new tensor
-    copied = grads(model, x)
+    copied = grads(model, x, double_backward)
     for h in handles:
         h.remove()
     assert torch.equal(in_place[0], copied[0])

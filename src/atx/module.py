@@ -229,14 +229,13 @@ class DistillModule(L.LightningModule):
             return None  # skipped: no backward, no optimiser step (nan_policy=skip)
         error = (out.logits.argmax(dim=1) != y).float().mean() * 100
         self.train_sums.add({"loss": loss, **parts, "error": error}, len(y))  # atx.train_log
-        if self._trainer is not None and self._trainer.progress_bar_callback is not None:
-            self.log("train/loss", loss, prog_bar=True, logger=False)  # the bar: every step
+        if self._trainer is None:
+            return loss  # called by hand: nothing to log to
+        self.log("train/loss", loss, prog_bar=True, logger=False)  # bar and callbacks: every step
+        if loggers_write_this_step(self.trainer):
+            self.log_dict({f"train/{k}_step": v for k, v in self.train_sums.last.items()
+                           if k != "error"})
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        last, self.train_sums.last = self.train_sums.last, {}  # none if this step was skipped
-        if last and loggers_write_this_step(self.trainer):
-            self.log_dict({f"train/{k}_step": v for k, v in last.items() if k != "error"})
 
     def _student_outputs(self, x: Tensor, y: Tensor) -> StepOutputs:
         """Student logits and tapped features; its input gradients when a term needs them

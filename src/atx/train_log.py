@@ -6,7 +6,8 @@ step has a name per loss term; on the small networks of the paper that bookkeepi
 as much as a term itself. Here a step costs one stack and one add on the device. The names and
 values are those ``self.log(..., on_step=True, on_epoch=True)`` gives: ``train/<name>_step`` on
 the logged steps (every ``trainer.log_every_n_steps``) and ``train/<name>_epoch``, the mean
-weighted by batch size, once an epoch.
+weighted by batch size, once an epoch. (``DistillModule`` also logs the step's loss alone every
+step, as ``train/loss``, for the progress bar and callbacks.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class EpochSums:
 
     @torch.no_grad()
     def add(self, values: dict[str, Tensor], batch_size: int) -> None:
-        step = torch.stack([v.detach().float() for v in values.values()])
+        # float32, or float64 where a value is (as Lightning keeps them)
+        wide = any(v.dtype == torch.float64 for v in values.values())
+        step = torch.stack([v.detach().to(torch.float64 if wide else torch.float32)
+                            for v in values.values()])
         if self.sums is None:
             self.names, self.sums = tuple(values), step * batch_size
         elif tuple(values) != self.names:

@@ -37,11 +37,20 @@ class Block(nn.Module):
 
 def relu_of(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """relu(bn(x)), the ReLU in place on the BN output (no new activation tensor: the CPU step
-    is bound by memory traffic) unless a hook, such as a layer tap, reads that output. The
+    is bound by memory traffic) unless a hook, such as a layer tap, sees that output. The
     values and gradients are the same either way: BN's backward needs its input, not its
     output."""
+    hooked = _hooked(bn)  # before the call: a hook may remove itself once it has run
     out = bn(x)
-    return torch.relu(out) if bn._forward_hooks else torch.relu_(out)
+    return torch.relu(out) if hooked else torch.relu_(out)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Any forward or backward hook on ``m``, its own or global (``nn.modules.module``)."""
+    hooks = nn.modules.module
+    return bool(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+                or hooks._global_forward_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
 
 
 class WideResNet(nn.Module):
