@@ -144,7 +144,7 @@ class SameRunOnEveryRank(L.Callback):
         if trainer.is_global_zero:
             data = json.dumps([{"rank": i, **r} for i, r in enumerate(ranks)], indent=2).encode()
             replace_atomically(self.run_dir / RANKS_FILE, lambda f: f.write(data))
-        for rank, other in enumerate(ranks):
+        for rank, other in enumerate(ranks[1:], start=1):
             if other != ranks[0]:
                 what = next(k for k in other if other[k] != ranks[0][k])
                 raise AtxError(

@@ -23,6 +23,7 @@ from atx.speed import SpeedConf, prepare_models, teacher_forward, to_layout
 from atx.train_log import EpochSums, loggers_write_this_step
 
 HELDOUT = "heldout"  # metric prefix of the held-out training images (data.val_split)
+TRAIN_ERROR = "error"  # the train error is logged as an epoch mean only: train/error
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TeacherEvalMaps:
         if key not in self.maps:
             return None
         labels, pixels, maps = self.maps[key]
-        if labels.shape == y.shape and torch.equal(labels, y) and torch.equal(pixels, _pixels(x)):
+        if torch.equal(labels, y) and torch.equal(pixels, _pixels(x)):  # False on other shapes
             return maps
         self.reset(on=False)  # not the batch it was: this loader's order is not fixed
         return None
@@ -228,13 +229,13 @@ class DistillModule(L.LightningModule):
         if self.nan_guard(loss, parts, self.global_step, self.current_epoch, batch_idx):
             return None  # skipped: no backward, no optimiser step (nan_policy=skip)
         error = (out.logits.argmax(dim=1) != y).float().mean() * 100
-        self.train_sums.add({"loss": loss, **parts, "error": error}, len(y))  # atx.train_log
+        self.train_sums.add({"loss": loss, **parts, TRAIN_ERROR: error}, len(y))  # atx.train_log
         if self._trainer is None:
             return loss  # called by hand: nothing to log to
         self.log("train/loss", loss, prog_bar=True, logger=False)  # bar and callbacks: every step
         if loggers_write_this_step(self.trainer):
             self.log_dict({f"train/{k}_step": v for k, v in self.train_sums.last.items()
-                           if k != "error"})
+                           if k != TRAIN_ERROR})
         return loss
 
     def _student_outputs(self, x: Tensor, y: Tensor) -> StepOutputs:
@@ -276,8 +277,8 @@ class DistillModule(L.LightningModule):
         out.teacher_features = {k: v.detach() for k, v in feats.items()}
 
     def on_train_epoch_end(self) -> None:
-        means = self.train_sums.means()  # the error is logged once an epoch only
-        self.log_dict({"train/error" if k == "error" else f"train/{k}_epoch": v
+        means = self.train_sums.means()
+        self.log_dict({f"train/{k}" if k == TRAIN_ERROR else f"train/{k}_epoch": v
                        for k, v in means.items()})
         self.train_sums.reset()
         if self.nan_guard.policy == "skip":
@@ -299,11 +300,11 @@ class DistillModule(L.LightningModule):
             if key in metrics:
                 metrics[key].update(logits, y)
         if self.agreement_pairs and stage != HELDOUT:  # agreement: on the test split only
-            p, mode = self.agreement_map
             teacher_maps = self._teacher_eval_maps(x, y, (stage, batch_idx))
             for i, ((s, _), t_map) in enumerate(zip(self.agreement_pairs, teacher_maps,
                                                     strict=True)):
-                cosine, distance = map_agreement(spatial_map(student_feats[s], p, mode), t_map)
+                s_map = spatial_map(student_feats[s], *self.agreement_map)
+                cosine, distance = map_agreement(s_map, t_map)
                 self.agreement[f"cosine_{i}"].update(cosine)
                 self.agreement[f"distance_{i}"].update(distance)
 
